@@ -1,0 +1,1 @@
+"""cdlm: continuous diffusion language models."""

@@ -1,0 +1,98 @@
+"""Typed run configuration: one validated pydantic model per run, built from a YAML recipe plus overrides.
+
+A recipe has the sections ``data``, ``train``, ``sample`` (validated here) and ``model`` (validated by the
+plugin's ``MethodSpec.config_cls``). Unknown fields fail everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown fields are errors and values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    """Where the text comes from and how it becomes fixed-length token rows."""
+
+    source: str = Field(
+        "builtin:pydoc",
+        description="'builtin:pydoc' (CPython's bundled documentation text, always present), a local file or "
+        "directory (.txt, .jsonl/.json, .parquet, .arrow), or a Hugging Face hub dataset id",
+    )
+    subset: str | None = Field(None, description="dataset configuration name for hub datasets")
+    split: str = "train"
+    text_field: str = Field("text", description="column holding the text (the target for seq2seq)")
+    source_field: str | None = Field(None, description="column holding the condition text; set for seq2seq")
+    tokenizer: str = Field(
+        "bpe", description="'bpe' trains a byte-level BPE on the corpus (cached in the run dir); else a hub id or path"
+    )
+    vocab_size: PositiveInt = Field(512, description="vocabulary size of a trained 'bpe' tokenizer")
+    seq_len: PositiveInt = Field(128, description="tokens per row (ELF: must equal model.max_length)")
+    max_source_len: NonNegativeInt = Field(0, description="seq2seq: condition tokens kept per row")
+    pad_token: Literal["pad", "eos"] = Field("pad", description="pad rows with the pad id (masked) or EOS (trained)")
+    max_rows: PositiveInt | None = Field(None, description="keep at most this many source rows (quick runs)")
+    holdout: list[str] = Field(default_factory=list, description="file names under a local directory to leave out")
+
+
+class TrainConfig(Section):
+    """Optimisation, precision, logging and checkpointing."""
+
+    steps: PositiveInt = Field(1000, description="optimizer steps")
+    batch_size: PositiveInt = Field(32, description="rows per micro-batch per process")
+    grad_accum: PositiveInt = 1
+    optimizer: Literal["muon", "adamw"] = "muon"
+    lr: PositiveFloat = 2e-3
+    warmup_steps: NonNegativeInt = 0
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
+    weight_decay: NonNegativeFloat = 0.0
+    muon_momentum: float = Field(0.95, ge=0.0, lt=1.0)
+    clip_grad_norm: PositiveFloat | None = 1.0
+    ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    log_every: PositiveInt = 10
+    save_every: PositiveInt = 500
+    keep_last: PositiveInt = 3
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+
+
+class SampleConfig(Section):
+    """Sampling settings shared by every method (a method ignores what it has no use for, e.g. ELF's prompts)."""
+
+    num_samples: PositiveInt = 4
+    batch_size: PositiveInt = 16
+    steps: PositiveInt = 32
+    sampler: Literal["euler", "heun", "sde"] = "sde"
+    grid: Literal["uniform", "logit_normal"] = "logit_normal"
+    grid_mean: float = Field(-1.5, description="logit-normal grid location (ELF spec §4.1)")
+    grid_std: PositiveFloat = 0.8
+    churn: NonNegativeFloat = Field(1.5, description="SDE γ: back-off per unit time (ELF spec §4.3)")
+    cfg: float = Field(1.0, description="classifier-free guidance scale; 1 disables it")
+    self_cond_scale: float = Field(3.0, description="self-conditioning guidance scale w (ELF SC-CFG)")
+    temperature: NonNegativeFloat = Field(0.0, description="0 means argmax")
+    top_k: NonNegativeInt = 0
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    repetition_penalty: PositiveFloat = 1.0
+    max_new_tokens: PositiveInt = 32
+    use_ema: bool = True
+    seed: int = 0
+
+
+class RunConfig(Section):
+    """One run: the method name, its model section, and the core sections."""
+
+    method: str
+    description: str = ""
+    seed: int = 0
+    model: Any = Field(description="validated by the method's MethodSpec.config_cls")
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)

@@ -1,0 +1,1 @@
+"""Data on `datasets`: sources, tokenisation and packing."""

@@ -1,0 +1,190 @@
+"""The plugin contract: four components, an objective, a generation pipeline, bundled by a MethodSpec.
+
+Core time convention: ``t = 0`` is noise, ``t = 1`` is data, ``v = dz/dt`` (see :mod:`cdlm.flow`).
+A plugin whose paper uses another convention converts in its own ``schedule.py`` and nowhere else.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel
+from torch import Tensor, nn
+
+from cdlm.sampling.types import Prediction, StepCallback
+
+Conditioning = Any
+"""Plugin-defined and opaque to the core. The one thing the core asks of it is ``cond.with_null_rows()``:
+a conditioning for 2B rows, rows [0, B) conditional and rows [B, 2B) unconditional (classifier-free guidance)."""
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """A batch of token rows, as the data pipeline yields it.
+
+    Attributes:
+        ids: (B, L) int64 token ids.
+        mask: (B, L) bool, True where the token is real (not padding).
+        cond_mask: (B, L) bool, True on condition (source / prompt) positions; all False when unconditional.
+    """
+
+    ids: Tensor
+    mask: Tensor
+    cond_mask: Tensor
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        """Move every tensor to ``device``."""
+        return TokenBatch(self.ids.to(device), self.mask.to(device), self.cond_mask.to(device))
+
+
+class Embedder(nn.Module, ABC):
+    """Maps tokens to the continuous sequence the flow is trained on."""
+
+    @abstractmethod
+    def forward(self, batch: TokenBatch) -> Tensor:
+        """Return the clean latents x (B, N, C), fp32, for the rows of ``batch``."""
+
+
+class Denoiser(nn.Module, ABC):
+    """The network that moves a noisy state toward data."""
+
+    @abstractmethod
+    def forward(self, z: Tensor, t: Tensor, cond: Conditioning, self_cond: Tensor | None = None) -> Tensor:
+        """Return the raw network output (B, N, C) for state z (B, N, C) at core times t (B,)."""
+
+
+class FlowSchedule(ABC):
+    """The rectified-flow path of a method: training times, noising, and the raw-output parametrisation."""
+
+    @abstractmethod
+    def sample_t(self, n: int, generator: torch.Generator) -> Tensor:
+        """Draw ``n`` training times (n,) in core time."""
+
+    @abstractmethod
+    def interpolate(self, x: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """Return the noisy state z_t (B, N, C) for data x, standard-normal noise eps and core times t (B,)."""
+
+    @abstractmethod
+    def predict(self, out: Tensor, z: Tensor, t: Tensor) -> Prediction:
+        """Turn a raw Denoiser output (B, N, C) at state z and core times t (B,) into an fp32 Prediction."""
+
+
+class Discretizer(nn.Module, ABC):
+    """Maps a continuous sequence back to tokens."""
+
+    @abstractmethod
+    def forward(self, z: Tensor, cond: Conditioning) -> Tensor:
+        """Return token logits (B, L, V) for the final state z (B, N, C)."""
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """A training loss and the scalars to log with it.
+
+    Attributes:
+        loss: () scalar to back-propagate.
+        metrics: extra scalars (detached floats), e.g. per-branch losses.
+    """
+
+    loss: Tensor
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+class Objective(ABC):
+    """A method's training loss over a batch; every random draw comes from ``generator``."""
+
+    @abstractmethod
+    def __call__(self, batch: TokenBatch, generator: torch.Generator) -> LossOutput:
+        """Compute the loss of one micro-batch."""
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """What to generate.
+
+    Attributes:
+        num_samples: number of sequences.
+        prompts: token ids per sample to condition on or continue; None for unconditional generation.
+        settings: the run's validated ``sample:`` section (:class:`cdlm.config.SampleConfig`).
+    """
+
+    num_samples: int
+    prompts: list[list[int]] | None
+    settings: Any
+
+
+@dataclass(frozen=True)
+class GenerateOutput:
+    """Generated token ids (one list per sample, special tokens kept) and the network evaluations spent."""
+
+    ids: list[list[int]]
+    nfe: int
+
+
+class Pipeline(ABC):
+    """A method's generation procedure, built on the shared samplers (:func:`cdlm.sampling.solvers.integrate`)."""
+
+    @abstractmethod
+    def __call__(
+        self, request: GenerateRequest, generator: torch.Generator, on_step: StepCallback | None = None
+    ) -> GenerateOutput:
+        """Generate ``request.num_samples`` sequences."""
+
+
+@dataclass
+class Method:
+    """A built method: its four components plus how to train and sample them.
+
+    Components may share parameters (ELF's Discretizer calls the Denoiser's network in decode mode);
+    :meth:`modules` lists each module once, for the optimiser, the EMA and checkpoints.
+    """
+
+    embedder: Embedder
+    denoiser: Denoiser
+    schedule: FlowSchedule
+    discretizer: Discretizer
+    objective: Objective
+    pipeline: Pipeline
+    trainable: Mapping[str, nn.Module]
+    frozen: Mapping[str, nn.Module] = field(default_factory=dict)
+
+    def modules(self) -> nn.ModuleDict:
+        """Return every module that owns parameters, trainable ones first, each once, keyed by a stable name."""
+        return nn.ModuleDict({**self.trainable, **self.frozen})
+
+
+class StateDictAdapter(ABC):
+    """Maps an official checkpoint's key layout to ours and back. Pure dict → dict; no file I/O."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def from_official(self, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Official keys → our ``Method.modules()`` keys. Raises CheckpointError listing unknown/missing keys."""
+
+    @abstractmethod
+    def to_official(self, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Our keys → official keys (inverse of :meth:`from_official`)."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a plugin registers under the entry-point group ``cdlm.plugins``.
+
+    Attributes:
+        name: unique method name used in recipes (``method: elf``).
+        description: one line for ``cdlm recipes list`` and error messages.
+        config_cls: pydantic model that validates the recipe's ``model:`` section.
+        build: ``(model_config) → Method``; must work on the meta device (no data-dependent work).
+        state_dict_adapters: official checkpoint layouts this method can load, by name.
+    """
+
+    name: str
+    description: str
+    config_cls: type[BaseModel]
+    build: Callable[[BaseModel], Method]
+    state_dict_adapters: Mapping[str, Callable[[BaseModel], StateDictAdapter]] = field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""Training: the one Accelerate loop, EMA, optimisers and checkpoints."""
