@@ -62,6 +62,9 @@ class TrainConfig(Section):
     save_every: PositiveInt = 500
     keep_last: PositiveInt = 3
     trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    init_from: str | None = Field(
+        None, description="run or checkpoint directory whose model weights initialise a fresh run (earlier stage)"
+    )
 
 
 class SampleConfig(Section):
@@ -86,8 +89,19 @@ class SampleConfig(Section):
     seed: int = 0
 
 
+class Stage(Section):
+    """One stage of a multi-stage recipe: a name and the sections it changes (merged over the recipe)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="also the stage's sub-directory of the run")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="e.g. {model: {stage: vae}, train: {steps: 300}}")
+
+
 class RunConfig(Section):
-    """One run: the method name, its model section, and the core sections."""
+    """One run: the method name, its model section, the core sections, and optional stages run in order.
+
+    With ``stages``, ``cdlm train`` runs each stage into ``OUTPUT_DIR/<name>``, each initialised from the weights
+    the previous stage ended with (``train.init_from``).
+    """
 
     method: str
     description: str = ""
@@ -96,3 +110,4 @@ class RunConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    stages: list[Stage] = Field(default_factory=list)

@@ -139,6 +139,7 @@ class Pipeline(ABC):
 class Method:
     """A built method: its four components plus how to train and sample them.
 
+    ``vocab_size`` is the number of token ids the method can read and emit; a tokenizer must not exceed it.
     Components may share parameters (ELF's Discretizer calls the Denoiser's network in decode mode);
     :meth:`modules` lists each module once, for the optimiser, the EMA and checkpoints.
     """
@@ -149,6 +150,7 @@ class Method:
     discretizer: Discretizer
     objective: Objective
     pipeline: Pipeline
+    vocab_size: int
     trainable: Mapping[str, nn.Module]
     frozen: Mapping[str, nn.Module] = field(default_factory=dict)
 
@@ -179,12 +181,13 @@ class MethodSpec:
         name: unique method name used in recipes (``method: elf``).
         description: one line for ``cdlm recipes list`` and error messages.
         config_cls: pydantic model that validates the recipe's ``model:`` section.
-        build: ``(model_config) → Method``; must work on the meta device (no data-dependent work).
+        build: ``(run_config) → Method``, reading ``run_config.model`` (an instance of ``config_cls``) and any core
+            section it needs; must work on the meta device (no data-dependent work).
         state_dict_adapters: official checkpoint layouts this method can load, by name.
     """
 
     name: str
     description: str
     config_cls: type[BaseModel]
-    build: Callable[[BaseModel], Method]
-    state_dict_adapters: Mapping[str, Callable[[BaseModel], StateDictAdapter]] = field(default_factory=dict)
+    build: Callable[[Any], Method]
+    state_dict_adapters: Mapping[str, Callable[[Any], StateDictAdapter]] = field(default_factory=dict)

@@ -1,1 +1,45 @@
-"""ELF (Embedded Language Flows, arXiv 2605.10938) as a cdlm plugin."""
+"""ELF (Embedded Language Flows, arXiv 2605.10938) as a cdlm plugin.
+
+Flow matching in the embedding space of a frozen T5 encoder; one shared network denoises (x-prediction)
+and, in its final step, decodes to tokens. Spec: ``shared/specs/elf.md``.
+"""
+
+from __future__ import annotations
+
+from cdlm.config import RunConfig
+from cdlm.interfaces import Method, MethodSpec
+from cdlm_elf.config import ElfConfig
+from cdlm_elf.embedder import T5Embedder
+from cdlm_elf.model import ElfDecoder, ElfDenoiser, ElfTransformer
+from cdlm_elf.objective import ElfObjective
+from cdlm_elf.pipeline import ElfPipeline
+from cdlm_elf.schedule import ElfSchedule
+from cdlm_elf.state_dict import ElfStateDictAdapter
+
+
+def build(config: RunConfig) -> Method:
+    """Build ELF from a run config: the T5 embedder, one network viewed as denoiser and decoder, objective, pipeline."""
+    cfg: ElfConfig = config.model
+    embedder = T5Embedder(cfg)
+    network = ElfTransformer(cfg)
+    denoiser, decoder, schedule = ElfDenoiser(network), ElfDecoder(network), ElfSchedule(cfg)
+    return Method(
+        embedder=embedder,
+        denoiser=denoiser,
+        schedule=schedule,
+        discretizer=decoder,
+        objective=ElfObjective(cfg, embedder, network, schedule.flow, pad_token=config.data.pad_token),
+        pipeline=ElfPipeline(cfg, denoiser, decoder, schedule, embedder, eos_id=cfg.eos_id, pad_id=cfg.pad_id),
+        vocab_size=cfg.vocab_size,
+        trainable={"network": network},
+        frozen={"embedder": embedder},
+    )
+
+
+spec = MethodSpec(
+    name="elf",
+    description="Embedded Language Flows: flow matching in a frozen T5 embedding space, one network denoises and decodes",
+    config_cls=ElfConfig,
+    build=build,
+    state_dict_adapters={"lillian039/ELF": ElfStateDictAdapter},
+)

@@ -42,6 +42,8 @@ class ElfConfig(Section):
     num_self_cond_cfg_tokens: PositiveInt = 4
     num_mode_tokens: PositiveInt = 4
     vocab_size: PositiveInt = Field(32100, description="V of the decoder head")
+    pad_id: int = Field(0, ge=0, description="tokenizer pad id (T5: 0); generation pads after EOS with it")
+    eos_id: int = Field(1, ge=0, description="tokenizer EOS id (T5: 1)")
     # embedder (spec §2)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     latent_mean: float = 0.0

@@ -1,0 +1,232 @@
+"""Named YAML recipes → one validated :class:`cdlm.config.RunConfig`.
+
+A recipe is a YAML file with the sections of :class:`RunConfig`. It may derive from another recipe with
+``extends: NAME_OR_FILE`` (child keys win, nested sections merge). Overrides are ``KEY=VALUE`` strings
+(``train.lr=3e-4``) whose value is parsed as YAML. Every problem is reported at once, one line each, naming
+the file or override it came from, the field, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from cdlm.config import RunConfig
+from cdlm.errors import PluginError, RecipeError
+from cdlm.registry import get_method
+
+
+def recipes_dir() -> Path:
+    """Return the directory of the named recipes shipped with cdlm."""
+    return Path(str(resources.files("cdlm_recipes")))
+
+
+def list_recipes() -> dict[str, str]:
+    """Return ``{name: description}`` for every named recipe, sorted by name."""
+    out = {}
+    for path in sorted(recipes_dir().glob("*.yaml")):
+        out[path.stem] = str(read_with_extends(path).get("description", ""))
+    return out
+
+
+def resolve(name_or_path: str | Path, *, relative_to: Path | None = None) -> Path:
+    """Return the YAML file of a recipe name (``elf-tiny``) or a path to a recipe file."""
+    named = recipes_dir() / f"{name_or_path}.yaml"
+    if named.is_file():
+        return named
+    path = Path(name_or_path)
+    if relative_to is not None and not path.is_absolute():
+        path = relative_to / path
+    if path.is_file():
+        return path
+    names = list(list_names())
+    hint = difflib.get_close_matches(str(name_or_path), names, n=1)
+    did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+    raise RecipeError(
+        f"recipe {str(name_or_path)!r} not found: it is neither a named recipe ({', '.join(names)}) nor a file"
+        f"{did_you_mean}"
+    )
+
+
+def list_names() -> list[str]:
+    """Return the names of the shipped recipes."""
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: expected a mapping of sections at the top level, found {type(raw).__name__}")
+    return raw
+
+
+def _merge(base: Mapping[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in child.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_with_extends(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a recipe file and the chain of recipes it ``extends``, merged (child keys win)."""
+    if path.resolve() in _seen:
+        chain = " → ".join(str(p) for p in (*_seen, path.resolve()))
+        raise RecipeError(f"{path}: 'extends' forms a cycle: {chain}")
+    raw = _read_yaml(path)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    base = read_with_extends(resolve(str(parent), relative_to=path.parent), (*_seen, path.resolve()))
+    base.pop("description", None)
+    return _merge(base, raw)
+
+
+def set_dotted(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` override to a nested dict; the value is parsed as YAML."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {item}: expected KEY=VALUE, e.g. train.lr=3e-4")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"--set {item}: the value is not valid YAML: {err}") from None
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {item}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _field_names(model: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
+    """Return the field names valid at the parent of ``loc`` (for did-you-mean hints)."""
+    cls: Any = model
+    for part in loc[:-1]:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        cls = field.annotation
+    return list(getattr(cls, "model_fields", {}))
+
+
+def _describe(err: Mapping[str, Any], model: type[BaseModel], prefix: tuple[str, ...]) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    dotted = ".".join(prefix + loc)
+    if err["type"] == "extra_forbidden":
+        hint = difflib.get_close_matches(loc[-1], _field_names(model, loc), n=1)
+        return f"{dotted}: unknown field" + (f"; did you mean {hint[0]!r}?" if hint else "")
+    found = err.get("input")
+    found_text = "" if err["type"] == "missing" else f", got {found!r}"
+    return f"{dotted}: {err['msg'].lower()}{found_text}"
+
+
+def _source_of(dotted: str, overrides: Sequence[str], path: Path | None) -> str:
+    for item in reversed(overrides):
+        key = item.partition("=")[0].strip()
+        if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + "."):
+            return f"--set {item}"
+    return str(path) if path is not None else "<config>"
+
+
+def validate(raw: Mapping[str, Any], *, path: Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Validate a raw recipe mapping: the core sections, then the method's ``model:`` section.
+
+    Raises:
+        RecipeError: one line per problem, each naming its source (file or override), field and expectation.
+    """
+    problems: list[tuple[str, str]] = []
+    try:
+        config = RunConfig.model_validate(dict(raw))
+    except ValidationError as err:
+        for e in err.errors():
+            line = _describe(e, RunConfig, ())
+            problems.append((_source_of(line.split(":")[0], overrides, path), line))
+        config = None
+    method_name = raw.get("method")
+    spec = None
+    if isinstance(method_name, str):
+        try:
+            spec = get_method(method_name)
+        except PluginError as err:
+            problems.append((_source_of("method", overrides, path), f"method: {err}"))
+    if spec is not None:
+        try:
+            model_cfg = spec.config_cls.model_validate(raw.get("model") or {})
+        except ValidationError as err:
+            for e in err.errors():
+                line = _describe(e, spec.config_cls, ("model",))
+                problems.append((_source_of(line.split(":")[0], overrides, path), line))
+        else:
+            if config is not None:
+                config = config.model_copy(update={"model": model_cfg})
+    if problems or config is None:
+        raise RecipeError("\n".join(f"{source}: {line}" for source, line in problems))
+    stage_errors = []
+    for stage in config.stages:
+        try:
+            stage_config(config, stage.name)
+        except RecipeError as err:
+            stage_errors.append(f"{path if path is not None else '<config>'}: stages.{stage.name}: {err}")
+    if stage_errors:
+        raise RecipeError("\n".join(stage_errors))
+    return config
+
+
+def _raw(config: RunConfig) -> dict[str, Any]:
+    data = config.model_dump(mode="json")
+    if isinstance(config.model, BaseModel):
+        data["model"] = config.model.model_dump(mode="json")
+    return data
+
+
+def stage_config(config: RunConfig, name: str) -> RunConfig:
+    """Return the single-stage config of stage ``name``: the recipe with that stage's overrides merged in.
+
+    Raises:
+        RecipeError: no stage has that name, or the merged config is invalid.
+    """
+    names = [stage.name for stage in config.stages]
+    if name not in names:
+        raise RecipeError(f"stage {name!r} not found; the recipe's stages are {names}")
+    raw = _raw(config)
+    raw["stages"] = []
+    overrides = config.stages[names.index(name)].overrides
+    return validate(_merge(raw, overrides), path=None, overrides=())
+
+
+def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a named recipe or a recipe file, apply ``--set`` style overrides and validate.
+
+    Args:
+        name_or_path: a shipped recipe name (``elf-tiny``) or a path to a YAML file.
+        overrides: ``KEY=VALUE`` strings applied in order (``train.steps=10``).
+
+    Returns:
+        The validated run configuration.
+    """
+    path = resolve(name_or_path)
+    raw = read_with_extends(path)
+    for item in overrides:
+        set_dotted(raw, item)
+    return validate(raw, path=path, overrides=overrides)
+
+
+def to_yaml(config: RunConfig) -> str:
+    """Return the resolved configuration as YAML (what ``cdlm recipes show`` prints and runs record)."""
+    return yaml.safe_dump(_raw(config), sort_keys=False)

@@ -1,0 +1,295 @@
+"""The one training loop: any :class:`~cdlm.interfaces.Method`, on Accelerate, exactly resumable.
+
+What it does, in order: seeds Python/NumPy/torch once from ``config.seed + rank``; draws every objective
+sample from one named CPU generator (``"objective"``, seeded ``config.seed + rank``); optimises only
+``method.trainable`` (frozen modules are put in eval mode without gradients); per optimizer step runs
+``train.grad_accum`` micro-batches (each loss divided by ``grad_accum``), averages gradients across processes,
+clips them (logging the pre-clip norm), steps the optimizer and the LR schedule, then the EMA. Network calls
+run under :func:`cdlm.precision.autocast_context`.
+
+Outputs in ``run_dir``: ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON line per log step:
+``step, loss, lr, grad_norm, tokens_per_s, elapsed_s`` then the objective's metrics, each the mean over the
+step's micro-batches and processes; the same record goes to Accelerate trackers and ``on_log``) and
+checkpoints (:mod:`cdlm.training.checkpoint`) every ``train.save_every`` steps and at the end. A checkpoint
+holds every module of ``Method.modules()``, frozen ones included, so it is self-contained.
+
+Resume: when ``run_dir`` has a checkpoint, the model, EMA, optimizer, schedule, step, loader position and
+every RNG are restored, and ``metrics.jsonl`` is cut back to that step. On CPU a run interrupted and resumed
+is bit-identical to an uninterrupted one (same world size required). Multi-process: gradients are averaged
+with an explicit all-reduce after the micro-batches (no DDP wrapper: the objective calls the components
+directly); each process saves its own RNG record; ``lr`` and the loader position are the same everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import gather_object, set_seed
+from torch import Tensor
+
+from cdlm.config import RunConfig
+from cdlm.data.loader import ResumableLoader
+from cdlm.interfaces import Method, TokenBatch
+from cdlm.precision import autocast_context
+from cdlm.training.checkpoint import (
+    capture_rng_state,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from cdlm.training.ema import EMA
+from cdlm.training.optim import build_lr_schedule, build_optimizer
+
+logger = get_logger(__name__)
+
+METRICS_FILE, CONFIG_FILE = "metrics.jsonl", "config.yaml"
+OBJECTIVE_GENERATOR = "objective"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a call of :func:`train` ended with.
+
+    Attributes:
+        run_dir: the run directory.
+        step: optimizer steps taken in total (resumed steps included).
+        checkpoint: the last checkpoint directory, or None when none exists.
+        metrics: the last record logged by this call (empty when it logged nothing).
+    """
+
+    run_dir: Path
+    step: int
+    checkpoint: Path | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def train(
+    config: RunConfig,
+    method: Method,
+    run_dir: Path,
+    rows: TokenBatch,
+    *,
+    config_yaml: str | None = None,
+    on_log: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train ``method`` on ``rows`` for ``config.train.steps`` optimizer steps, resuming from ``run_dir``.
+
+    Args:
+        config: the validated run config (``seed``, ``train`` are read here).
+        method: the built method; its modules are moved to the Accelerate device in place.
+        run_dir: where config, metrics and checkpoints go; an existing checkpoint there is resumed.
+        rows: the packed corpus (:func:`cdlm.data.pack.prepare`): ids (R, L) int64, mask, cond_mask (R, L) bool.
+        config_yaml: the resolved config as YAML; defaults to dumping ``config``.
+        on_log: called on the main process with every metrics record (the CLI renders progress from it).
+
+    Returns:
+        The final step, the last checkpoint and the last logged record.
+
+    Raises:
+        CheckpointError: the checkpoint in ``run_dir`` is incomplete or does not fit the method.
+        DataError: ``rows`` cannot fill one batch, or the saved loader position does not fit them.
+    """
+    run_dir = Path(run_dir)
+    cfg = config.train
+    accelerator = Accelerator(log_with=list(cfg.trackers) or None, project_dir=str(run_dir))
+    set_seed(config.seed, device_specific=True)  # seed + rank
+    if config_yaml is None:
+        config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
+    state = _TrainState(config, method, rows, accelerator)
+    state.resume(run_dir)
+    if accelerator.is_main_process:
+        _truncate_metrics(run_dir / METRICS_FILE, state.step)
+    if cfg.trackers:
+        accelerator.init_trackers(run_dir.name, config=_flat(config.model_dump(mode="json")))
+    record: dict[str, float] = {}
+    checkpoint = latest_checkpoint(run_dir)
+    ctx = autocast_context(accelerator.device, cfg.precision)
+    start = last_log = time.perf_counter()
+    tokens = 0
+    while state.step < cfg.steps:
+        stats = state.optimizer_step(ctx)
+        tokens += stats.tokens
+        elapsed = state.elapsed_base + time.perf_counter() - start
+        if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+            now = time.perf_counter()
+            record = stats.record(accelerator, state.step, tokens / max(now - last_log, 1e-9), elapsed)
+            tokens, last_log = 0, now
+            _emit(accelerator, run_dir, record, on_log)
+        if state.step % cfg.save_every == 0 or state.step == cfg.steps:
+            checkpoint = state.save(run_dir, config_yaml, elapsed)
+    accelerator.end_training()
+    return TrainResult(run_dir=run_dir, step=state.step, checkpoint=checkpoint, metrics=record)
+
+
+class _TrainState:
+    """Everything a checkpoint restores: model, optimiser, schedule, EMA, loader, generators, step."""
+
+    def __init__(self, config: RunConfig, method: Method, rows: TokenBatch, accelerator: Accelerator) -> None:
+        self.config, self.method, self.accelerator = config, method, accelerator
+        rank, world = accelerator.process_index, accelerator.num_processes
+        self.loader = ResumableLoader(
+            rows, config.train.batch_size, seed=config.seed, process_index=rank, num_processes=world
+        )
+        self.model = method.modules().to(accelerator.device)
+        for module in method.frozen.values():
+            module.eval().requires_grad_(False)
+        for module in method.trainable.values():
+            module.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model.named_parameters(), config.train)
+        self.scheduler = build_lr_schedule(self.optimizer, config.train)
+        self.ema = EMA(self.model, config.train.ema_decay)
+        self.generators = {OBJECTIVE_GENERATOR: torch.Generator().manual_seed(config.seed + rank)}
+        self.step, self.elapsed_base = 0, 0.0
+
+    def resume(self, run_dir: Path) -> None:
+        """Restore everything from the latest checkpoint of ``run_dir``, if there is one."""
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            return
+        ckpt = load_checkpoint(path)
+        self.model.load_state_dict(ckpt.model_state, strict=True)
+        self.ema.load_state_dict(ckpt.ema_state)
+        self.optimizer.load_state_dict(ckpt.optimizer_state)
+        self.scheduler.load_state_dict(ckpt.scheduler_state)
+        self.loader.load_state_dict(ckpt.loader_state)
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        if len(ckpt.rng_state) == world:
+            restore_rng_state(ckpt.rng_state[rank], self.generators)
+        else:
+            logger.warning(
+                f"{path}: saved by {len(ckpt.rng_state)} process(es), resumed on {world}: RNGs are re-seeded, "
+                "so the run continues but is not bit-identical to an uninterrupted one"
+            )
+        self.step, self.elapsed_base = ckpt.step, ckpt.elapsed_s
+        logger.info(f"resumed from {path} at step {ckpt.step}")
+
+    def optimizer_step(self, ctx: AbstractContextManager[object]) -> _StepStats:
+        """Run one optimizer step over ``grad_accum`` micro-batches and return what it measured."""
+        cfg = self.config.train
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, Tensor] = {}
+        for _ in range(cfg.grad_accum):
+            batch = next(self.loader).to(self.accelerator.device)
+            with ctx:
+                out = self.method.objective(batch, self.generators[OBJECTIVE_GENERATOR])
+            self.accelerator.backward(out.loss / cfg.grad_accum)
+            for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
+                sums[key] = sums.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float64)
+        self._average_gradients()
+        max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)  # pre-clip total norm
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.ema.update(self.model)
+        self.step += 1
+        means = {key: total / cfg.grad_accum for key, total in sums.items()}
+        tokens = cfg.grad_accum * batch.ids.numel() * self.accelerator.num_processes
+        return _StepStats(means=means, lr=lr, grad_norm=grad_norm, tokens=tokens)
+
+    def _average_gradients(self) -> None:
+        """Average gradients across processes (a no-op on one process)."""
+        if self.accelerator.num_processes == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        for p, g in zip(self.params, self.accelerator.reduce(grads, reduction="mean"), strict=True):
+            p.grad = g
+
+    def save(self, run_dir: Path, config_yaml: str, elapsed_s: float) -> Path:
+        """Write a checkpoint of the current step (main process) and wait for every process."""
+        rng = gather_object([capture_rng_state(self.generators)])
+        if self.accelerator.is_main_process:
+            save_checkpoint(
+                run_dir,
+                self.step,
+                model_state=self.model.state_dict(),
+                ema_state=self.ema.state_dict(),
+                optimizer_state=self.optimizer.state_dict(),
+                scheduler_state=self.scheduler.state_dict(),
+                loader_state=self.loader.state_dict(),
+                rng_state=rng,
+                config_yaml=config_yaml,
+                keep_last=self.config.train.keep_last,
+                elapsed_s=elapsed_s,
+            )
+        self.accelerator.wait_for_everyone()
+        return checkpoint_dir(run_dir, self.step)
+
+
+@dataclass(frozen=True)
+class _StepStats:
+    """One optimizer step's measurements, kept as tensors until a log step needs them.
+
+    Attributes:
+        means: "loss" and the objective's metrics, averaged over the micro-batches (fp64, this process).
+        lr: learning rate the step used (first param group).
+        grad_norm: () total gradient norm before clipping.
+        tokens: token positions processed by all processes.
+    """
+
+    means: dict[str, Tensor]
+    lr: float
+    grad_norm: Tensor
+    tokens: int
+
+    def record(self, accelerator: Accelerator, step: int, tokens_per_s: float, elapsed_s: float) -> dict[str, float]:
+        """Return the metrics line: the fixed keys, then the objective's metrics averaged across processes."""
+        names = list(self.means)
+        stacked = torch.stack([self.means[k].to(accelerator.device) for k in names])  # (metrics,) fp64
+        values = accelerator.reduce(stacked, reduction="mean").tolist()
+        metrics = dict(zip(names, values, strict=True))
+        fixed = {"step": step, "loss": metrics.pop("loss"), "lr": self.lr, "grad_norm": float(self.grad_norm)}
+        return {**fixed, "tokens_per_s": tokens_per_s, "elapsed_s": elapsed_s, **metrics}
+
+
+def _emit(
+    accelerator: Accelerator, run_dir: Path, record: dict[str, float], on_log: Callable[[dict], None] | None
+) -> None:
+    """Append the record to metrics.jsonl, send it to the trackers and the hook (main process only)."""
+    if not accelerator.is_main_process:
+        return
+    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
+    if on_log is not None:
+        on_log(dict(record))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines logged after ``step`` (by a session that died before its next checkpoint)."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def _flat(tree: Mapping[str, object], prefix: str = "") -> dict[str, object]:
+    """Flatten a nested config into ``section.key`` scalars (lists become strings) for tracker hparams."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{name}."))
+        else:
+            out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out

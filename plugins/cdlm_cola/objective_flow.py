@@ -1,0 +1,180 @@
+"""Block-wise flow matching of the Cola DiT in the 2L training layout (Cola spec §4.3, §5, §9).
+
+Per sample the DiT sees ``[z_0 | noisy copy]`` (2n latents, positions ``[0..n−1, 0..n−1]``) under the 2L mask:
+a noisy latent of block b attends to the clean blocks before b and to its own noisy block, which is the paper's
+visible set ``V_b = {sg(z_0^(<b)), z_t^(b)}`` for every block at once. The loss is the masked MSE between the
+noisy half's output and Cola's velocity ``z_1 − z_0``, normalised by ``max(Σ loss_mask, 1)``.
+
+Each latent of the noisy copy is in one of three states, decided per block before any noise is applied:
+
+* :data:`NOISY`: ``z_t`` at the sample's time, trained;
+* :data:`CLEAN`: ``z_0`` at time "data" (DiT timestep 0), not trained: a prompt prefix inside a block, the
+  conditioning the first generated block sees at inference (repaint);
+* :data:`HIDDEN`: ``z_1`` (pure noise) at the sample's time, not trained: a prompt latent that follows a response
+  latent in its block (SFT), replaced so that the response cannot read it.
+
+Times are core times (t = 0 noise, t = 1 data) and every conversion to the DiT's input goes through
+:class:`~cdlm_cola.schedule.ColaSchedule`: ``z_t = t·z_0 + (1 − t)·z_1`` is Cola's ``(1 − τ)·z_0 + τ·z_1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from cdlm_cola import layout
+from cdlm_cola.dit import ColaDiT
+from cdlm_cola.schedule import ColaSchedule
+
+CLEAN, NOISY, HIDDEN = 0, 1, 2
+"""States of a noisy-copy latent (see the module docstring)."""
+
+
+def role_states(
+    cond: Tensor, block_size: int, loss_mode: Literal["all_token", "sft"], boundary_mode: Literal["token", "block"]
+) -> Tensor:
+    """Return the state of every latent of one sample from its prompt/response roles (spec §9.2, ``cola_sft.py``).
+
+    A response latent is always NOISY. A prompt latent is HIDDEN when a response latent precedes it in its block
+    (``boundary_mode="token"``) or when its block starts with a response and holds both roles (``"block"``);
+    otherwise it is CLEAN under ``loss_mode="sft"`` and NOISY under ``"all_token"``. Without prompt latents
+    every latent is NOISY (pretraining).
+
+    Args:
+        cond: (n,) bool, True on prompt (condition) latents; n a multiple of ``block_size``.
+        block_size: latents per block of this sample.
+        loss_mode: whether prompt latents before any response are trained.
+        boundary_mode: per-latent (``token``) or per-block (``block``) leakage rule.
+
+    Returns:
+        (n,) int64 states.
+    """
+    prompt = cond.view(-1, block_size)  # (nb, bs)
+    response = ~prompt
+    if boundary_mode == "token":
+        after_response = response.cumsum(dim=1) > 0  # (nb, bs) a response at or before this latent
+        hidden = prompt & after_response
+    else:
+        local = torch.arange(block_size, device=cond.device).expand_as(prompt)  # (nb, bs)
+        first_response = torch.where(response, local, block_size).min(dim=1).values  # (nb,)
+        first_prompt = torch.where(prompt, local, block_size).min(dim=1).values  # (nb,)
+        mixed = prompt.any(dim=1) & response.any(dim=1)
+        hidden = prompt & (mixed & (first_response < first_prompt))[:, None]
+    clean = prompt & ~hidden if loss_mode == "sft" else torch.zeros_like(prompt)
+    states = torch.full_like(prompt, NOISY, dtype=torch.long)
+    states = states.masked_fill(hidden, HIDDEN).masked_fill(clean, CLEAN)
+    return states.flatten()  # (n,)
+
+
+def with_prompt_blocks(states: Tensor, block_size: int, use: Tensor, split: Tensor, prob: float) -> Tensor:
+    """Turn random block prefixes into clean prompts (spec §9.2 ``prompt_block_prob``, ``cola_pretrain.py``).
+
+    Block b (of at least 2 latents) becomes a prompt block when ``use[b] < prob``: its first ``split[b]`` latents
+    are CLEAN, the rest keep their state.
+
+    Args:
+        states: (n,) int64 states; n a multiple of ``block_size``.
+        block_size: latents per block.
+        use: (n / block_size,) U[0, 1) draws.
+        split: (n / block_size,) int64 clean-prefix lengths in ``[1, block_size − 1]``.
+        prob: probability of a prompt block.
+
+    Returns:
+        (n,) int64 states.
+    """
+    if block_size < 2:
+        return states
+    local = torch.arange(block_size, device=states.device)  # (bs,)
+    prefix = (use < prob)[:, None] & (local[None, :] < split[:, None])  # (nb, bs)
+    return states.masked_fill(prefix.flatten(), CLEAN)
+
+
+@dataclass(frozen=True)
+class TwoLayout:
+    """The one DiT call of a flow-matching step and what its output is compared with (spec §4.3).
+
+    Attributes:
+        txt: (Σ2n, C) per sample ``[z_0 (detached) | noisy copy]``.
+        timestep: (Σ2n,) DiT timesteps, 0..time_scale; 0 on the clean half and on CLEAN latents.
+        positions: (Σ2n,) int64 RoPE positions ``[0..n−1, 0..n−1]`` per sample, for keys and queries alike.
+        mask: (1, 1, Σ2n, Σ2n) additive 2L block-causal mask.
+        seq_lens: n per sample.
+        target: (Σn, C) Cola velocity ``z_1 − z_0`` of the noisy halves.
+        loss_mask: (Σn,) fp32, 1 on NOISY latents that are real (not padding).
+    """
+
+    txt: Tensor
+    timestep: Tensor
+    positions: Tensor
+    mask: Tensor
+    seq_lens: list[int]
+    target: Tensor
+    loss_mask: Tensor
+
+    def run(self, dit: ColaDiT) -> Tensor:
+        """Call the DiT on the layout; return its output (Σ2n, C)."""
+        lens = [2 * n for n in self.seq_lens]
+        pos = self.positions
+        return dit(self.txt, lens, lens, self.timestep, k_positions=pos, q_positions=pos, mask=self.mask)
+
+    def loss(self, out: Tensor) -> Tensor:
+        """Return the masked MSE () of the noisy half of a DiT output (Σ2n, C), in fp32 (spec §5)."""
+        noisy = torch.cat([torch.arange(2 * n, device=out.device) >= n for n in self.seq_lens])  # (Σ2n,)
+        pred = out[noisy].float()  # (Σn, C)
+        error = (pred - self.target.float()).pow(2).mean(dim=-1)  # (Σn,)
+        return (error * self.loss_mask).sum() / self.loss_mask.sum().clamp_min(1.0)
+
+
+def two_layout(
+    z0: Sequence[Tensor],
+    z1: Sequence[Tensor],
+    t: Tensor,
+    states: Sequence[Tensor],
+    valid: Sequence[Tensor],
+    block_sizes: Sequence[int],
+    schedule: ColaSchedule,
+) -> TwoLayout:
+    """Build the 2L layout of a batch: the noisy copies, the DiT inputs and the loss targets (spec §4.3, §9).
+
+    Gradients flow into ``z0`` through the noisy copy and the target; the clean half is ``z0.detach()``, the
+    stop-gradient history ``sg(z_0^(<b))`` of the paper's Stage 2 (spec §9.1).
+
+    Args:
+        z0: per sample (n_i, C) clean latents, already ``(z − shift)·scale``.
+        z1: per sample (n_i, C) standard-normal noise.
+        t: (B,) core times (0 noise, 1 data), one per sample.
+        states: per sample (n_i,) int64 latent states (:data:`CLEAN`, :data:`NOISY`, :data:`HIDDEN`).
+        valid: per sample (n_i,) bool, False on padding (never trained).
+        block_sizes: per-sample block size of the 2L mask.
+        schedule: the Cola schedule (path, target and DiT time input).
+
+    Returns:
+        The layout; call :meth:`TwoLayout.run` then :meth:`TwoLayout.loss`.
+    """
+    seq_lens = [x.shape[0] for x in z0]
+    x, eps, state = torch.cat(list(z0)), torch.cat(list(z1)), torch.cat(list(states))  # (Σn, C), (Σn, C), (Σn,)
+    device = x.device
+    t_row = t.to(device).repeat_interleave(torch.tensor(seq_lens, device=device))  # (Σn,)
+    t_row = torch.where(state == CLEAN, torch.ones_like(t_row), t_row)  # CLEAN latents sit at the data end
+    noisy = schedule.interpolate(x, eps, t_row)  # (Σn, C); exactly z_0 where t = 1
+    noisy = torch.where((state == HIDDEN)[:, None], eps, noisy)
+    clean_time = schedule.model_time(torch.ones_like(t_row))  # (Σn,) zeros
+    noisy_time = schedule.model_time(t_row)  # (Σn,)
+
+    def interleave(clean: Tensor, noisy: Tensor) -> Tensor:  # per sample [clean_i | noisy_i]
+        pairs = zip(clean.split(seq_lens), noisy.split(seq_lens), strict=True)
+        return torch.cat([part for pair in pairs for part in pair])
+
+    return TwoLayout(
+        txt=interleave(x.detach(), noisy),  # (Σ2n, C)
+        timestep=interleave(clean_time, noisy_time),  # (Σ2n,)
+        positions=layout.twol_positions(seq_lens, device),  # (Σ2n,)
+        mask=layout.twol_block_causal_mask(seq_lens, list(block_sizes), x.dtype, device),
+        seq_lens=seq_lens,
+        target=schedule.target(x, eps),  # (Σn, C)
+        loss_mask=((state == NOISY) & torch.cat(list(valid)).to(device)).float(),  # (Σn,)
+    )

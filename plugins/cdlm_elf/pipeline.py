@@ -1,0 +1,232 @@
+"""ELF generation (ELF spec §4–5): random time grid, SDE/ODE rollout with SC-CFG and CFG, decode at t = 1.
+
+Every draw comes from the one explicit generator, in this order per batch: the time grid, z₀, then the
+per-step SDE noise (then token sampling when the temperature is positive). The reference draws the grid
+from the global RNG instead (spec §4.3 step 5); a fixture replays its recorded grid through :func:`rollout`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from cdlm.config import SampleConfig
+from cdlm.errors import DataError
+from cdlm.interfaces import Embedder, GenerateOutput, GenerateRequest, Pipeline, TokenBatch
+from cdlm.sampling import grids
+from cdlm.sampling.guidance import classifier_free
+from cdlm.sampling.solvers import integrate
+from cdlm.sampling.tokens import select_tokens
+from cdlm.sampling.types import DenoiseFn, PredictFn, Prediction, SampleOutput, StepCallback
+from cdlm_elf.conditioning import ElfCond
+from cdlm_elf.config import ElfConfig
+from cdlm_elf.model import ElfDecoder, ElfDenoiser
+from cdlm_elf.schedule import ElfSchedule
+
+
+def elf_denoise_fn(denoiser: ElfDenoiser, schedule: ElfSchedule) -> DenoiseFn:
+    """Return ELF's DenoiseFn ``F(z, t, x_prev, cond)`` (spec §4.2 steps 1–2).
+
+    Condition positions are pinned on the inputs (z and x_prev take the condition latents) and on the outputs
+    (x̂ = condition latents, v̂ = 0). SC-CFG needs no extra forward: its scale w travels in ``cond.sc_scale``.
+    """
+
+    def denoise(z: Tensor, t: Tensor, x_prev: Tensor, cond: ElfCond) -> Prediction:
+        z = cond.restore(z)
+        out = denoiser(z, t, cond, self_cond=cond.restore(x_prev))  # (B, L, C) x-prediction
+        return _pin(schedule.predict(out, z, t), cond)
+
+    return denoise
+
+
+def _pin(pred: Prediction, cond: ElfCond) -> Prediction:
+    """Pin condition positions of a prediction: x̂ = the condition latents, v̂ = 0 (spec §4.2 step 2)."""
+    return Prediction(x=cond.restore(pred.x), v=cond.restore(pred.v, 0.0))
+
+
+def guided(denoise: DenoiseFn, cond: ElfCond, cfg_scale: float) -> PredictFn:
+    """Return the rollout's PredictFn: classifier-free guidance when conditional, re-pinned (spec §4.2 step 3).
+
+    Unconditional rows have no null branch to contrast (the reference forces cfg = 1 there), so the scale
+    only applies when ``cond`` carries a condition.
+    """
+    predict = classifier_free(denoise, cond, cfg_scale if cond.mask is not None else 1.0)
+
+    def pinned(z: Tensor, t: Tensor, x_prev: Tensor) -> Prediction:
+        return _pin(predict(z, t, x_prev), cond)
+
+    return pinned
+
+
+def time_grid(settings: SampleConfig, generator: torch.Generator) -> Tensor:
+    """Return the (steps + 1,) fp32 grid of ``settings`` (spec §4.1); a logit-normal grid is drawn per batch."""
+    if settings.grid == "uniform":
+        return grids.uniform(settings.steps)
+    return grids.logit_normal(settings.steps, generator, settings.grid_mean, settings.grid_std)
+
+
+def rollout(
+    predict: PredictFn,
+    z0: Tensor,
+    grid: Tensor,
+    cond: ElfCond,
+    settings: SampleConfig,
+    *,
+    noise_scale: float,
+    generator: torch.Generator,
+    on_step: StepCallback | None = None,
+) -> SampleOutput:
+    """Integrate from noise z₀ (B, L, C) along ``grid`` with condition positions pinned (spec §4.3 steps 1–3).
+
+    ``settings.sampler`` runs every step but the last, which is always a plain Euler (ODE) step to t = 1;
+    the SDE back-off uses γ = ``settings.churn`` and re-noises with ``noise_scale``·ε from ``generator``.
+    """
+    return integrate(
+        predict,
+        cond.restore(z0),
+        grid,
+        method=settings.sampler,
+        churn=settings.churn,
+        noise_scale=noise_scale,
+        generator=generator,
+        constrain=cond.restore,
+        last_step="euler",
+        on_step=on_step,
+    )
+
+
+def decode(decoder: ElfDecoder, z: Tensor, cond: ElfCond, settings: SampleConfig, generator: torch.Generator) -> Tensor:
+    """Return token ids (B, L) for the final state z (B, L, C): decoder logits at t = 1, then token selection.
+
+    Temperature 0 is the reference's argmax (spec §4.3 step 4). ELF decodes every position at once, so there is
+    no generated history for a repetition penalty.
+    """
+    logits = decoder(z, cond)  # (B, L, V)
+    return select_tokens(
+        logits, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, generator=generator
+    )
+
+
+def mask_after_eos(ids: Tensor, eos_id: int, pad_id: int) -> Tensor:
+    """Replace every position at or after the first ``eos_id`` of each row of ids (B, L) by ``pad_id`` (§4.5)."""
+    return ids.masked_fill((ids == eos_id).cumsum(dim=-1) > 0, pad_id)
+
+
+def postprocess(ids: Tensor, source_lengths: list[int] | None, *, eos_id: int, pad_id: int) -> list[list[int]]:
+    """Turn decoded ids (B, L) into one list per row (spec §4.5, §5).
+
+    Unconditional rows (``source_lengths`` None) keep all L positions, padded from the first EOS on. A seq2seq
+    row with n source tokens keeps the L − n positions after them, EOS-filled from the first EOS on.
+    """
+    if source_lengths is None:
+        return mask_after_eos(ids, eos_id, pad_id).tolist()
+    return [mask_after_eos(ids[i, n:][None], eos_id, eos_id)[0].tolist() for i, n in enumerate(source_lengths)]
+
+
+class ElfPipeline(Pipeline):
+    """Unconditional or seq2seq generation with an ELF network.
+
+    Args:
+        cfg: the ELF model config (``max_length`` L, ``latent_dim`` C, ``noise_scale``).
+        denoiser: the network as a Denoiser.
+        decoder: the same network in decode mode.
+        schedule: ELF's flow schedule (x-prediction → velocity).
+        embedder: encodes seq2seq sources (prompts) into condition latents.
+        eos_id: end-of-sequence id of the tokenizer (T5: 1).
+        pad_id: padding id of the tokenizer (T5: 0).
+    """
+
+    def __init__(
+        self,
+        cfg: ElfConfig,
+        denoiser: ElfDenoiser,
+        decoder: ElfDecoder,
+        schedule: ElfSchedule,
+        embedder: Embedder,
+        *,
+        eos_id: int = 1,
+        pad_id: int = 0,
+    ) -> None:
+        self.cfg, self.decoder, self.embedder = cfg, decoder, embedder
+        self.denoise = elf_denoise_fn(denoiser, schedule)
+        self.eos_id, self.pad_id = eos_id, pad_id
+
+    @torch.no_grad()
+    def __call__(
+        self, request: GenerateRequest, generator: torch.Generator, on_step: StepCallback | None = None
+    ) -> GenerateOutput:
+        """Generate ``request.num_samples`` rows of L tokens, in batches of ``settings.batch_size``.
+
+        Unconditional rows are masked after their first EOS (pad); a seq2seq row returns the L − n positions
+        after its n source tokens, EOS-filled after the first EOS (spec §5). ``nfe`` counts every network call.
+
+        Raises:
+            DataError: the prompts do not match ``num_samples`` or a source does not leave room to generate.
+        """
+        settings: SampleConfig = request.settings
+        prompts = request.prompts
+        self._check_prompts(request.num_samples, prompts)
+        ids: list[list[int]] = []
+        nfe = 0
+        for start in range(0, request.num_samples, settings.batch_size):
+            size = min(settings.batch_size, request.num_samples - start)
+            sources = None if prompts is None else prompts[start : start + size]
+            cond = self.condition(size, sources, settings.self_cond_scale)
+            grid = time_grid(settings, generator)
+            shape = (size, self.cfg.max_length, self.cfg.latent_dim)  # (B, L, C)
+            z0 = self.cfg.noise_scale * torch.randn(shape, generator=generator, device=generator.device)
+            out = rollout(
+                guided(self.denoise, cond, settings.cfg),
+                z0.to(self._device()),
+                grid,
+                cond,
+                settings,
+                noise_scale=self.cfg.noise_scale,
+                generator=generator,
+                on_step=on_step,
+            )
+            tokens = decode(self.decoder, out.z, cond, settings, generator).cpu()  # (B, L)
+            lengths = None if sources is None else [len(s) for s in sources]
+            ids.extend(postprocess(tokens, lengths, eos_id=self.eos_id, pad_id=self.pad_id))
+            nfe += out.nfe + 1  # + the decoder forward
+        return GenerateOutput(ids=ids, nfe=nfe)
+
+    def condition(self, size: int, sources: list[list[int]] | None, sc_scale: float) -> ElfCond:
+        """Return the ElfCond of ``size`` rows: SC-CFG scale w, plus the sources encoded at positions [0, n) if any.
+
+        Args:
+            size: number of rows B.
+            sources: B lists of source token ids (seq2seq), or None (unconditional).
+            sc_scale: self-conditioning guidance scale w, the same for every row.
+        """
+        device = self._device()
+        w = torch.full((size,), sc_scale, dtype=torch.float32, device=device)  # (B,)
+        if sources is None:
+            return ElfCond(w)
+        L = self.cfg.max_length
+        ids = torch.full((size, L), self.pad_id, dtype=torch.long)
+        for row, source in enumerate(sources):
+            ids[row, : len(source)] = torch.tensor(source, dtype=torch.long)
+        lengths = torch.tensor([len(s) for s in sources])
+        is_source = torch.arange(L)[None] < lengths[:, None]  # (B, L)
+        # the encoder mask lets condition tokens see only the condition (spec §5), so the rest is irrelevant
+        values = self.embedder(TokenBatch(ids, is_source, is_source).to(device))  # (B, L, C)
+        return ElfCond(w, values.float(), is_source.to(device))
+
+    def _check_prompts(self, num_samples: int, prompts: list[list[int]] | None) -> None:
+        if prompts is None:
+            return
+        if len(prompts) != num_samples:
+            raise DataError(
+                f"ELF generation: got {len(prompts)} prompts for num_samples={num_samples}; expected one each"
+            )
+        L = self.cfg.max_length
+        too_long = [i for i, p in enumerate(prompts) if len(p) >= L]
+        if too_long:
+            raise DataError(
+                f"ELF generation: prompts {too_long[:8]} have ≥ model.max_length={L} source tokens; a source must "
+                f"leave room to generate (at most {L - 1} tokens)"
+            )
+
+    def _device(self) -> torch.device:
+        return next(self.decoder.parameters()).device

@@ -1,0 +1,1 @@
+"""Named cdlm recipes: one validated YAML file per run configuration (see cdlm.recipes)."""

@@ -1,0 +1,135 @@
+"""DiT parity with the reference fixtures (spec §3): time embedding, NA forwards, KV cache, 2L layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from cdlm.errors import DataError
+from cdlm_cola.config import ColaDitConfig
+from cdlm_cola.dit import ColaDiT, per_token_timesteps, sinusoidal_embedding
+from cdlm_cola.state_dict import load_pretrained_dit, load_pretrained_vae
+from conftest import shared_path
+
+ATOL = 1e-5
+
+
+def close(actual: Tensor, expected: Tensor) -> None:
+    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def fx() -> dict[str, Tensor]:
+    return load_file(shared_path("fixtures", "cola", "forward_fp32.safetensors"))
+
+
+@pytest.fixture()
+def dit() -> ColaDiT:
+    return load_pretrained_dit(shared_path("fixtures", "cola", "cola_dit"))  # fresh: no cache left over
+
+
+def test_sinusoidal_embedding_matches_reference(fx: dict[str, Tensor]) -> None:
+    close(sinusoidal_embedding(fx["comp/sinusoidal/t"]), fx["comp/sinusoidal/emb256"])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    ("case", "timestep"),
+    [
+        ("self", "dit/self/in/timestep_per_token"),
+        ("self_scalar_t700", torch.tensor(700.0)),
+        ("self_scalar_t700", 700.0),
+        ("self_per_sample_t", "dit/self_per_sample_t/in/timestep"),
+    ],
+)
+def test_na_forward_matches_reference(dit: ColaDiT, fx: dict[str, Tensor], case: str, timestep: object) -> None:
+    t = fx[timestep] if isinstance(timestep, str) else timestep
+    lens = fx["dit/self/in/txt_shape"]  # [[8], [12], [4]]
+    close(dit(fx["dit/self/in/txt"], lens, lens, t), fx[f"dit/{case}/out/txt_sample"])
+
+
+@torch.no_grad()
+def test_cached_generation_step_matches_reference(dit: ColaDiT, fx: dict[str, Tensor]) -> None:
+    def get(name: str) -> Tensor:
+        return fx[f"dit/cache/in/{name}"]
+
+    prefix_lens, q_lens, block, t750 = get("prefix_lens"), get("txt_q_shape"), get("block"), get("timestep_block")
+    dit(get("prefix"), prefix_lens, prefix_lens, torch.zeros(12), update_kv=True, use_kv_cache=True)  # prefill
+    close(dit(block, get("cond_txt_shape"), q_lens, t750, use_kv_cache=True), fx["dit/cache/out/cond_t750"])
+    close(dit(block, q_lens, q_lens, t750), fx["dit/cache/out/uncond_t750"])  # fresh sequence, RoPE 0..bs-1
+    dit(block, get("cond_txt_shape"), q_lens, 0.0, update_kv=True, use_kv_cache=True)  # commit at t = 0
+    out = dit(get("block3"), get("cond3_txt_shape"), q_lens, torch.full((8,), 250.0), use_kv_cache=True)
+    close(out, fx["dit/cache/out/cond3_t250"])
+    with pytest.raises(DataError, match=r"k_lens\[0\] = 12, expected 16"):  # the history is 12 + 4 long now
+        dit(block, get("cond_txt_shape"), q_lens, t750, use_kv_cache=True)
+    dit.clear_cache()
+    close(dit(block, q_lens, q_lens, t750, use_kv_cache=True), fx["dit/cache/out/uncond_t750"])
+
+
+@torch.no_grad()
+def test_twol_training_forward_matches_reference(dit: ColaDiT, fx: dict[str, Tensor]) -> None:
+    def get(name: str) -> Tensor:
+        return fx[f"dit/2l/in/{name}"]
+
+    pos, lens = get("position_ids"), get("txt_shape")
+    out = dit(get("txt"), lens, lens, get("timestep"), k_positions=pos, q_positions=pos, mask=get("mask"))
+    close(out, fx["dit/2l/out/txt_sample"])
+
+
+@torch.no_grad()
+def test_generation_trace_replays_call_by_call(dit: ColaDiT) -> None:
+    """Teacher forcing of a whole reference generation: every DiT and VAE call, caches included (spec §6.1)."""
+    run = "gen/greedy_cfg7_perSampleSeed66"
+    trace = load_file(shared_path("fixtures", "cola", "generate_fp32.safetensors"))
+    events = json.loads(shared_path("fixtures", "cola", "generate_fp32.json").read_text())[f"{run}/events"]
+    vae = load_pretrained_vae(shared_path("fixtures", "cola", "cola_vae"))
+    checked = {"dit": 0, "vae_decode": 0}
+    for event in events:
+        kind = event["kind"]
+        x = {name.rsplit("/", 1)[1]: trace[name] for name in event["tensors"]}
+        if kind == "dit":
+            flags = {"update_kv": event["update_kv"], "use_kv_cache": event["use_kv_cache"]}
+            close(dit(x["txt"], x["txt_shape"], x["txt_q_shape"], x["timestep"], **flags), x["out"])
+        elif kind == "vae_decode":
+            logits = vae.decode(x["z"], x["txt_shape"], x["txt_q_shape"], update_kv=event["update_kv"])
+            close(logits, x["logits"].reshape(logits.shape))
+        checked[kind] = checked.get(kind, 0) + 1
+    assert checked["dit"] > 100 and checked["vae_decode"] == 5
+
+
+def test_release_size_builds_on_meta() -> None:
+    with torch.device("meta"):
+        model = ColaDiT(ColaDitConfig(block_size=16))
+    assert sum(p.numel() for p in model.parameters()) == 1_829_875_728
+    assert len(model.state_dict()) == 446  # + 24 rope.freqs buffers in the official files
+
+
+def test_timesteps_broadcast_per_token_per_sample_or_all() -> None:
+    q_lens = [2, 3]
+    assert per_token_timesteps(5.0, q_lens, torch.float32, torch.device("cpu")).tolist() == [5.0] * 5
+    per_sample = per_token_timesteps(torch.tensor([1.0, 2.0]), q_lens, torch.float32, torch.device("cpu"))
+    assert per_sample.tolist() == [1.0, 1.0, 2.0, 2.0, 2.0]
+    with pytest.raises(DataError, match="expected 1, 5 \\(per row\\) or 2 \\(per sample\\) values, got 3"):
+        per_token_timesteps(torch.ones(3), q_lens, torch.float32, torch.device("cpu"))
+
+
+def test_bad_calls_are_rejected() -> None:
+    config = ColaDitConfig(
+        txt_in_channels=4, txt_out_channels=4, txt_dim=16, emb_dim=16, heads=2, head_dim=8, num_layers=1, rope_dim=4
+    )
+    dit = ColaDiT(config, generator=torch.Generator().manual_seed(0))
+    z = torch.zeros(6, 4)
+    with pytest.raises(DataError, match="given together"):
+        dit(z, [6], [6], 1.0, k_positions=torch.arange(6))
+    with pytest.raises(DataError, match=r"expected shapes \(6,\) / \(6,\), got \(\(6,\), \(5,\)\)"):
+        dit(z, [6], [6], 1.0, k_positions=torch.arange(6), q_positions=torch.arange(5))
+    with pytest.raises(DataError, match=r"mask: expected \(1, 1, 6, 6\)"):
+        dit(z, [6], [6], 1.0, mask=torch.zeros(1, 1, 6, 7))
+    with pytest.raises(DataError, match="sum to 5 but the input has 6 rows"):
+        dit(z, [5], [5], 1.0)
+    with pytest.raises(DataError, match=r"k_lens\[0\] = 8, expected 6: 0 cached"):
+        dit(z, [8], [6], 1.0)
