@@ -32,4 +32,16 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'cdlm' has no attribute {name!r}")
 
 
-__all__ = ["CdlmError", "RunConfig", "list_recipes", "load_recipe", "recipes", *_RUNS]
+__all__ = [
+    "CdlmError",
+    "Pretrained",
+    "RunConfig",
+    "Sample",
+    "build",
+    "list_recipes",
+    "load_pretrained",
+    "load_recipe",
+    "recipes",
+    "sample",
+    "train",
+]

@@ -93,7 +93,9 @@ class Stage(Section):
     """One stage of a multi-stage recipe: a name and the sections it changes (merged over the recipe)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="also the stage's sub-directory of the run")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="e.g. {model: {stage: vae}, train: {steps: 300}}")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="e.g. {model: {stage: vae}, train: {steps: 300}}"
+    )
 
 
 class RunConfig(Section):

@@ -24,6 +24,7 @@ from cdlm.sampling.types import StepCallback
 from cdlm.training import loop
 from cdlm.training.checkpoint import CHECKPOINTS, CONFIG_FILE, EMA_FILE, MODEL_FILE, latest_checkpoint
 
+
 def build(config: RunConfig) -> Method:
     """Build the method named by ``config.method`` through its registered plugin (works on the meta device)."""
     return get_method(config.method).build(config)
@@ -112,7 +113,7 @@ class Pretrained:
     config: RunConfig
     method: Method
     tokenizer: PreTrainedTokenizerBase
-    checkpoint: Path
+    checkpoint: Path | None
 
 
 def _checkpoint_dir(path: Path) -> Path:
@@ -132,7 +133,9 @@ def _checkpoint_dir(path: Path) -> Path:
         return _checkpoint_dir(trained[-1])
     if stages:
         raise CheckpointError(f"{path}: no stage has a checkpoint yet ({', '.join(s.name for s in stages)})")
-    raise CheckpointError(f"{path}: not a run directory (no {CHECKPOINTS}/) nor a checkpoint directory (no {MODEL_FILE})")
+    raise CheckpointError(
+        f"{path}: not a run directory (no {CHECKPOINTS}/) nor a checkpoint directory (no {MODEL_FILE})"
+    )
 
 
 def _stage_names(run_dir: Path) -> list[str]:
@@ -144,29 +147,39 @@ def _stage_names(run_dir: Path) -> list[str]:
 
 
 def load_pretrained(
-    path: str | Path, *, overrides: Sequence[str] = (), device: str | torch.device | None = None
+    source: str | Path | RunConfig, *, overrides: Sequence[str] = (), device: str | torch.device | None = None
 ) -> Pretrained:
-    """Load a trained run (its latest checkpoint) or one checkpoint directory for sampling.
+    """Load a trained run, one of its checkpoints, or a recipe whose weights come from its own config.
 
     Args:
-        path: a run directory (``cdlm train -o DIR``) or one of its ``checkpoints/step-*`` directories.
+        source: a run directory (``cdlm train -o DIR``; a staged run gives its last trained stage), one of its
+            ``checkpoints/step-*`` directories, or a :class:`RunConfig` whose method loads released weights
+            itself (e.g. Cola's ``model.pretrained_dit``) and whose ``data.tokenizer`` is a pretrained tokenizer.
         overrides: ``KEY=VALUE`` overrides of the recorded config (e.g. ``sample.steps=64``).
         device: where to put the model; default CUDA when available, else CPU.
 
     Returns:
-        The config, the method with EMA weights (``sample.use_ema``, default) or raw weights, and the tokenizer.
+        The config, the method in eval mode (EMA weights unless ``sample.use_ema`` is false) and the tokenizer.
 
     Raises:
         CheckpointError: the path holds no checkpoint, or the weights do not fit the recorded config.
     """
-    ckpt = _checkpoint_dir(Path(path))
-    config = load_recipe(ckpt / CONFIG_FILE, overrides)
-    method = build(config)
-    _load_weights(method, ckpt, use_ema=config.sample.use_ema)
-    target = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    method.modules().to(target).eval()
-    run_dir = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt
-    tokenizer = load_tokenizer(config.data, _tokenizer_dir(run_dir, config), texts=())
+    if isinstance(source, RunConfig):
+        if source.data.tokenizer == "bpe":
+            raise CheckpointError("a recipe without a checkpoint needs a pretrained data.tokenizer, not 'bpe'")
+        config, ckpt, tokenizer_dir = source, None, Path.cwd()
+        method = build(config)
+    else:
+        ckpt = _checkpoint_dir(Path(source))
+        config = load_recipe(ckpt / CONFIG_FILE, overrides)
+        method = build(config)
+        _load_weights(method, ckpt, use_ema=config.sample.use_ema)
+        run_dir = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt
+        tokenizer_dir = _tokenizer_dir(run_dir, config)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    method.modules().to(torch.device(device)).eval()
+    tokenizer = load_tokenizer(config.data, tokenizer_dir, texts=())
     _check_vocab(tokenizer, method, f"data.tokenizer={config.data.tokenizer!r}")
     return Pretrained(config=config, method=method, tokenizer=tokenizer, checkpoint=ckpt)
 
@@ -195,7 +208,7 @@ class Sample:
 
 
 def sample(
-    checkpoint: str | Path | Pretrained,
+    checkpoint: str | Path | RunConfig | Pretrained,
     *,
     prompts: Sequence[str] | None = None,
     overrides: Sequence[str] = (),
@@ -204,7 +217,8 @@ def sample(
     """Generate text from a trained run.
 
     Args:
-        checkpoint: a run directory, a checkpoint directory, or an already loaded :class:`Pretrained`.
+        checkpoint: a run directory, a checkpoint directory, a :class:`RunConfig` that loads released weights
+            (see :func:`load_pretrained`), or an already loaded :class:`Pretrained`.
         prompts: texts to condition on / continue (one sample each); None samples ``sample.num_samples``
             unconditionally.
         overrides: ``KEY=VALUE`` overrides of the recorded config, e.g. ``sample.steps=64``.

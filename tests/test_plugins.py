@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from toy_plugin.register import TOY_ROOT, register_toy
 
 import cdlm
 from cdlm.errors import PluginError
 from cdlm.registry import get_method, installed_methods
+from toy_plugin.register import TOY_ROOT, register_toy
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_RECIPE = """\
@@ -61,7 +61,11 @@ def test_throwaway_plugin_through_the_cli(tmp_path: Path, monkeypatch: pytest.Mo
     register_toy(tmp_path, monkeypatch)
     recipe = tmp_path / "toy.yaml"
     recipe.write_text(TOY_RECIPE)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "toy-site"), str(TOY_ROOT)]), "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path / "toy-site"), str(TOY_ROOT)]),
+        "HF_HUB_OFFLINE": "1",
+    }
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "cdlm.cli", *args], capture_output=True, text=True, env=env)

@@ -12,6 +12,7 @@ import cdlm
 from cdlm.cli import progress
 from cdlm.errors import DataError
 
+
 def _read_prompts(prompt: list[str] | None, prompts_file: Path | None) -> list[str] | None:
     if prompts_file is None:
         return prompt or None
@@ -30,7 +31,12 @@ def _read_prompts(prompt: list[str] | None, prompts_file: Path | None) -> list[s
 
 
 def sample(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="run directory or checkpoint directory")],
+    checkpoint: Annotated[
+        Path | None, typer.Option("--checkpoint", "-c", help="run directory or checkpoint directory")
+    ] = None,
+    recipe: Annotated[
+        str | None, typer.Option("--recipe", "-r", help="instead of a checkpoint: a recipe that loads released weights")
+    ] = None,
     num_samples: Annotated[int | None, typer.Option(help="number of samples (unconditional)")] = None,
     steps: Annotated[int | None, typer.Option(help="solver steps")] = None,
     sampler: Annotated[str | None, typer.Option(help="euler (ode) | heun | sde")] = None,
@@ -62,8 +68,11 @@ def sample(
     }
     overrides = [*(set_ or []), *(f"sample.{key}={value}" for key, value in sugar.items() if value is not None)]
     prompts = _read_prompts(prompt, prompts_file)
+    if (checkpoint is None) == (recipe is None):
+        raise DataError("give exactly one of --checkpoint DIR (a trained run) or --recipe NAME (released weights)")
+    source = checkpoint if recipe is None else cdlm.load_recipe(recipe, overrides)
     with progress.sampling() as on_step:
-        samples = cdlm.sample(checkpoint, prompts=prompts, overrides=overrides, on_step=on_step)
+        samples = cdlm.sample(source, prompts=prompts, overrides=overrides, on_step=on_step)
     if output is None:
         typer.echo("\n\n".join(s.text for s in samples))
         return

@@ -42,10 +42,12 @@ class SpecialIds:
 
 
 def load_tokenizer(cfg: DataConfig, cache_dir: Path, texts: Iterable[str]) -> PreTrainedTokenizerBase:
-    """Return the run's tokenizer: the cached or newly trained BPE, or ``AutoTokenizer.from_pretrained``.
+    """Return the run's tokenizer: the cached or newly trained BPE, a ``tokenizer.json`` file, or a pretrained one.
 
     Args:
-        cfg: data section; ``tokenizer`` is "bpe" or a hub id / local directory, ``vocab_size`` sizes the BPE.
+        cfg: data section; ``tokenizer`` is "bpe", a path to a Hugging Face ``tokenizers`` JSON file (e.g. a
+            release's ``tokenizer.json``; no special tokens are assigned), or a hub id / local directory
+            (``AutoTokenizer.from_pretrained``); ``vocab_size`` sizes the BPE.
         cache_dir: where the trained BPE lives as ``tokenizer.json`` (the run directory); reused when present.
         texts: the training corpus; only iterated when a BPE has to be trained.
 
@@ -54,8 +56,10 @@ def load_tokenizer(cfg: DataConfig, cache_dir: Path, texts: Iterable[str]) -> Pr
 
     Raises:
         DataError: the cached tokenizer does not match ``cfg``, the corpus is too small for the vocabulary,
-            or the pretrained tokenizer cannot be loaded.
+            or the tokenizer file or pretrained tokenizer cannot be loaded.
     """
+    if cfg.tokenizer.endswith(".json"):
+        return _from_file(Path(cfg.tokenizer))
     if cfg.tokenizer != "bpe":
         try:
             return AutoTokenizer.from_pretrained(cfg.tokenizer)
@@ -106,6 +110,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     )
     tok.train_from_iterator(texts, trainer)
     return tok
+
+
+def _from_file(path: Path) -> PreTrainedTokenizerFast:
+    """Load a ``tokenizers`` JSON file as a fast tokenizer."""
+    if not path.is_file():
+        raise DataError(f"data.tokenizer {str(path)!r}: no such tokenizer.json file")
+    try:
+        return PreTrainedTokenizerFast(tokenizer_file=str(path))
+    except Exception as err:  # the tokenizers library raises its own Exception subclass for a bad file
+        raise DataError(f"data.tokenizer {str(path)!r}: not a tokenizers JSON file ({err})") from err
 
 
 def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:

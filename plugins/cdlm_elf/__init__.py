@@ -38,7 +38,7 @@ def build(config: RunConfig) -> Method:
 
 spec = MethodSpec(
     name="elf",
-    description="Embedded Language Flows: flow matching in a frozen T5 embedding space, one network denoises and decodes",
+    description="Embedded Language Flows: flow matching in frozen T5 embeddings; one network denoises and decodes",
     config_cls=ElfConfig,
     build=build,
     state_dict_adapters={"lillian039/ELF": ElfStateDictAdapter},

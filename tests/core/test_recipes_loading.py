@@ -30,7 +30,9 @@ def test_extends_merges_sections_and_child_wins() -> None:
 
 
 def test_overrides_are_parsed_as_yaml() -> None:
-    config = load_recipe("elf-105m", ["train.lr=3e-4", "model.depth=2", "sample.sampler=heun", "train.trackers=[tensorboard]"])
+    config = load_recipe(
+        "elf-105m", ["train.lr=3e-4", "model.depth=2", "sample.sampler=heun", "train.trackers=[tensorboard]"]
+    )
     assert config.train.lr == 3e-4 and config.model.depth == 2 and config.sample.sampler == "heun"
     assert config.train.trackers == ["tensorboard"]
 

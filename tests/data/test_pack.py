@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cdlm.config import DataConfig
-from cdlm.data.sources import load_texts
 from cdlm.data.pack import pack_documents, prepare, seq2seq_rows
+from cdlm.data.sources import load_texts
 from cdlm.data.tokenize import SpecialIds
 from cdlm.errors import DataError
 

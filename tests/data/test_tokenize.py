@@ -71,3 +71,23 @@ def test_encode_batches_match_single_calls(tmp_path: Path) -> None:
     tok = load_tokenizer(DataConfig(vocab_size=300), tmp_path, CORPUS)
     texts = CORPUS[:7]
     assert list(encode(tok, texts, batch_size=3)) == [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def test_tokenizer_json_file_is_loaded_as_is(tmp_path: Path) -> None:
+    trained = tokenize.train_bpe(CORPUS, 300)
+    path = tmp_path / "release" / "tokenizer.json"
+    path.parent.mkdir()
+    trained.save(str(path))
+    tok = load_tokenizer(DataConfig(tokenizer=str(path)), tmp_path / "run", texts=())
+    assert isinstance(tok, PreTrainedTokenizerFast) and len(tok) == 300
+    assert tok("the quick fox", add_special_tokens=False)["input_ids"] == trained.encode("the quick fox").ids
+    assert not (tmp_path / "run").exists()  # nothing trained or cached
+
+
+def test_tokenizer_json_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no such tokenizer.json file"):
+        load_tokenizer(DataConfig(tokenizer=str(tmp_path / "missing.json")), tmp_path, texts=())
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(DataError, match="not a tokenizers JSON file"):
+        load_tokenizer(DataConfig(tokenizer=str(bad)), tmp_path, texts=())

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from cdlm_elf.config import ElfConfig, EncoderConfig
-from cdlm_elf.embedder import T5Embedder, encoder_mask
-from conftest import shared_path
 from safetensors.torch import load_file
 from torch import Tensor
 from transformers import T5EncoderModel
 
 from cdlm.errors import CheckpointError
 from cdlm.interfaces import TokenBatch
+from cdlm_elf.config import ElfConfig, EncoderConfig
+from cdlm_elf.embedder import T5Embedder, encoder_mask
+from conftest import shared_path
 
 ATOL = 1e-5
 TINY_T5 = {"vocab_size": 48, "d_model": 16, "num_layers": 2, "num_heads": 2, "d_kv": 8, "d_ff": 32}

@@ -6,38 +6,21 @@ import json
 
 import pytest
 import torch
-from cdlm_elf.conditioning import ElfCond
-from cdlm_elf.config import ElfConfig
-from cdlm_elf.model import ElfDecoder, ElfDenoiser, ElfTransformer
-from cdlm_elf.state_dict import ElfStateDictAdapter
-from conftest import shared_path
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from cdlm.errors import DataError
+from cdlm_elf.conditioning import ElfCond
+from cdlm_elf.config import ElfConfig
+from cdlm_elf.model import ElfDecoder, ElfDenoiser, ElfTransformer
+from cdlm_elf.state_dict import ElfStateDictAdapter
+from conftest import shared_path
+from elf_fixture import fixture_config
 
 ATOL = 1e-5
 FORWARD_CASES = ["denoise", "decode", "mixed", "no_sc_input", "denoise_attn_mask", "cond_prefix", "cond_prefix_uncond"]
 TINY = ElfConfig(max_length=16, latent_dim=8, hidden_size=32, depth=2, num_heads=4, bottleneck_dim=4, vocab_size=40)
-
-
-def fixture_config() -> ElfConfig:
-    """Translate the reference ``ELF(...)`` kwargs of the fixture pack into our config."""
-    ref = json.loads(shared_path("fixtures", "elf", "elf_config.json").read_text())
-    return ElfConfig(
-        max_length=ref["max_length"],
-        latent_dim=ref["text_encoder_dim"],
-        hidden_size=ref["hidden_size"],
-        depth=ref["depth"],
-        num_heads=ref["num_heads"],
-        mlp_ratio=ref["mlp_ratio"],
-        bottleneck_dim=ref["bottleneck_dim"],
-        num_time_tokens=ref["num_time_tokens"],
-        num_self_cond_cfg_tokens=ref["num_self_cond_cfg_tokens"],
-        num_mode_tokens=ref["num_model_mode_tokens"],
-        vocab_size=ref["vocab_size"],
-    )
 
 
 def load_official(official: dict[str, Tensor]) -> ElfTransformer:

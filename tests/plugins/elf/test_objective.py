@@ -20,22 +20,11 @@ from cdlm_elf.model import ElfTransformer
 from cdlm_elf.objective import ElfDraws, ElfObjective
 from cdlm_elf.state_dict import ElfStateDictAdapter
 from conftest import shared_path
+from elf_fixture import fixture_config
 
 
 def _config(fixtures: Path, train: dict) -> ElfConfig:
-    net = json.loads((fixtures / "elf_config.json").read_text())
-    return ElfConfig(
-        max_length=net["max_length"],
-        latent_dim=net["text_encoder_dim"],
-        hidden_size=net["hidden_size"],
-        depth=net["depth"],
-        num_heads=net["num_heads"],
-        mlp_ratio=net["mlp_ratio"],
-        bottleneck_dim=net["bottleneck_dim"],
-        num_time_tokens=net["num_time_tokens"],
-        num_self_cond_cfg_tokens=net["num_self_cond_cfg_tokens"],
-        num_mode_tokens=net["num_model_mode_tokens"],
-        vocab_size=net["vocab_size"],
+    return fixture_config(
         encoder=EncoderConfig(pretrained=str(fixtures / "t5_encoder")),
         latent_mean=train["latent_mean"],
         latent_std=train["latent_std"],

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from cdlm.config import SampleConfig
+from cdlm.interfaces import GenerateRequest
+from cdlm.sampling import grids
+from cdlm.sampling.types import StepInfo
 from cdlm_elf.conditioning import ElfCond
 from cdlm_elf.config import ElfConfig, EncoderConfig
 from cdlm_elf.embedder import T5Embedder
@@ -23,35 +29,14 @@ from cdlm_elf.pipeline import (
 from cdlm_elf.schedule import ElfSchedule
 from cdlm_elf.state_dict import ElfStateDictAdapter
 from conftest import shared_path
-from safetensors.torch import load_file
-from torch import Tensor
-
-from cdlm.config import SampleConfig
-from cdlm.interfaces import GenerateRequest
-from cdlm.sampling import grids
-from cdlm.sampling.types import StepInfo
+from elf_fixture import fixture_config
 
 ATOL = 1e-5
 
 
-def fixture_config(encoder: Path | None = None) -> ElfConfig:
-    official = json.loads(shared_path("fixtures", "elf", "elf_config.json").read_text())
-    return ElfConfig(
-        max_length=official["max_length"],
-        latent_dim=official["text_encoder_dim"],
-        hidden_size=official["hidden_size"],
-        depth=official["depth"],
-        num_heads=official["num_heads"],
-        mlp_ratio=official["mlp_ratio"],
-        bottleneck_dim=official["bottleneck_dim"],
-        vocab_size=official["vocab_size"],
-        encoder=EncoderConfig(pretrained=None if encoder is None else str(encoder), vocab_size=528, d_model=64),
-    )
-
-
 @pytest.fixture(scope="module")
 def parts() -> tuple[ElfConfig, ElfDenoiser, ElfDecoder, ElfSchedule]:
-    cfg = fixture_config()
+    cfg = fixture_config(encoder=EncoderConfig(pretrained=None, vocab_size=528, d_model=64))
     network = ElfTransformer(cfg)
     ours = ElfStateDictAdapter(cfg).from_official(load_file(shared_path("fixtures", "elf", "model.safetensors")))
     network.load_state_dict({k.removeprefix("network."): v for k, v in ours.items()}, strict=True)
@@ -135,7 +120,7 @@ def test_ode_cfg_conditional_rollout_matches_reference(parts) -> None:
 
 def test_pipeline_encodes_sources_as_the_reference_condition(parts) -> None:
     case, _ = load_case("sample_ode_cond")
-    cfg = fixture_config(shared_path("fixtures", "elf", "t5_encoder"))
+    cfg = fixture_config(encoder=EncoderConfig(pretrained=str(shared_path("fixtures", "elf", "t5_encoder"))))
     _, denoiser, decoder, schedule = parts
     pipeline = ElfPipeline(cfg, denoiser, decoder, schedule, T5Embedder(cfg))
     mask = case["cond_seq_mask"].bool()

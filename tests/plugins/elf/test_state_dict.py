@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cdlm_elf.config import ElfConfig
-from cdlm_elf.model import ElfTransformer
-from cdlm_elf.state_dict import ElfStateDictAdapter
-from conftest import shared_path
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from cdlm.errors import CheckpointError
+from cdlm_elf.config import ElfConfig
+from cdlm_elf.model import ElfTransformer
+from cdlm_elf.state_dict import ElfStateDictAdapter
+from conftest import shared_path
 
 DEPTH2 = ElfConfig(depth=2)
 
