@@ -215,7 +215,8 @@ def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> RunC
 
     Args:
         name_or_path: a shipped recipe name (``elf-tiny``) or a path to a YAML file.
-        overrides: ``KEY=VALUE`` strings applied in order (``train.steps=10``).
+        overrides: ``KEY=VALUE`` strings applied in order (``train.steps=10``); they also win over the values a
+            recipe's ``stages`` set for the same key.
 
     Returns:
         The validated run configuration.
@@ -224,7 +225,19 @@ def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> RunC
     raw = read_with_extends(path)
     for item in overrides:
         set_dotted(raw, item)
+        _unset_in_stages(raw, item.partition("=")[0].strip())
     return validate(raw, path=path, overrides=overrides)
+
+
+def _unset_in_stages(raw: dict[str, Any], key: str) -> None:
+    """Remove ``key`` from every stage's overrides: a ``--set`` wins over what a recipe's stages set."""
+    for stage in raw.get("stages") or []:
+        node = stage.get("overrides") if isinstance(stage, dict) else None
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(parts[-1], None)
 
 
 def to_yaml(config: RunConfig) -> str:

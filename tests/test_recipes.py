@@ -10,8 +10,13 @@ import torch
 import cdlm
 from cdlm.recipes import list_names
 
-# Parameter counts of the trainable network (ELF spec §1.1).
-PAPER_PARAMS = {"elf-105m": 104_579_940, "elf-342m": 342_540_036, "elf-652m": 652_103_332}
+# Trainable parameters: ELF spec §1.1; Cola spec §1.3 (stage joint trains DiT 1,829,875,728 + VAE 501,871,574).
+PAPER_PARAMS = {
+    "elf-105m": 104_579_940,
+    "elf-342m": 342_540_036,
+    "elf-652m": 652_103_332,
+    "cola-2b": 2_331_747_302,
+}
 TINY = [name for name in list_names() if name.endswith("-tiny")]
 
 

@@ -87,3 +87,26 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
     config = load_recipe("elf-105m")
     path = write(tmp_path / "resolved.yaml", to_yaml(config))
     assert load_recipe(str(path)) == config
+
+
+def test_stages_merge_and_set_wins_over_stage_values(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "staged.yaml",
+        "extends: elf-tiny\nstages:\n"
+        "  - {name: one, overrides: {train: {steps: 7, lr: 0.5}}}\n"
+        "  - {name: two, overrides: {model: {depth: 1}}}\n",
+    )
+    from cdlm.recipes import stage_config
+
+    config = load_recipe(str(path), ["train.steps=2"])
+    one, two = stage_config(config, "one"), stage_config(config, "two")
+    assert (one.train.steps, one.train.lr, one.model.depth) == (2, 0.5, config.model.depth)
+    assert (two.train.steps, two.model.depth, two.stages) == (2, 1, [])
+    with pytest.raises(RecipeError, match="stage 'three' not found"):
+        stage_config(config, "three")
+
+
+def test_invalid_stage_is_reported_at_load(tmp_path: Path) -> None:
+    path = write(tmp_path / "bad.yaml", "extends: elf-tiny\nstages:\n  - {name: one, overrides: {train: {stepz: 1}}}\n")
+    with pytest.raises(RecipeError, match="stages.one: .*train.stepz: unknown field"):
+        load_recipe(str(path))
