@@ -6,6 +6,8 @@ and, in its final step, decodes to tokens. Spec: ``shared/specs/elf.md``.
 
 from __future__ import annotations
 
+import torch
+
 from cdlm.config import RunConfig
 from cdlm.interfaces import Method, MethodSpec
 from cdlm_elf.config import ElfConfig
@@ -21,7 +23,7 @@ def build(config: RunConfig) -> Method:
     """Build ELF from a run config: the T5 embedder, one network viewed as denoiser and decoder, objective, pipeline."""
     cfg: ElfConfig = config.model
     embedder = T5Embedder(cfg)
-    network = ElfTransformer(cfg)
+    network = ElfTransformer(cfg, generator=torch.Generator().manual_seed(config.seed))  # spec §1.4 init
     denoiser, decoder, schedule = ElfDenoiser(network), ElfDecoder(network), ElfSchedule(cfg)
     return Method(
         embedder=embedder,

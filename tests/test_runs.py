@@ -1,0 +1,66 @@
+"""The run API: deterministic training from a seed, staged runs, loading and sampling errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cdlm
+from cdlm.errors import CheckpointError, DataError
+
+QUICK = ["train.steps=2", "train.batch_size=4", "train.save_every=2", "data.max_rows=40", "model.depth=1"]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(next((run / "checkpoints").iterdir()) / "model.safetensors")
+
+
+def test_training_is_deterministic_from_the_seed(tmp_path: Path) -> None:
+    config = cdlm.load_recipe("elf-tiny", QUICK)
+    cdlm.train(config, tmp_path / "a")
+    cdlm.train(config, tmp_path / "b")
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cdlm.train(cdlm.load_recipe("elf-tiny", [*QUICK, "seed=1"]), tmp_path / "c")
+    assert not torch.equal(weights(tmp_path / "c")["network.time_tokens"], a["network.time_tokens"])
+
+
+def test_staged_run_starts_each_stage_from_the_previous(tmp_path: Path) -> None:
+    recipe = tmp_path / "staged.yaml"
+    recipe.write_text(
+        "extends: elf-tiny\nstages:\n  - {name: first, overrides: {train: {lr: 1.0e-3}}}\n"
+        "  - {name: second, overrides: {train: {lr: 2.0e-3}}}\n"
+    )
+    run = tmp_path / "run"
+    config = cdlm.load_recipe(str(recipe), QUICK)
+    first = cdlm.train(config, run, stage="first")
+    assert first.checkpoint is not None and not (run / "second").exists()
+    second = cdlm.train(config, run, stage="second")
+    assert second.checkpoint is not None and second.checkpoint.parent.parent == run / "second"
+    recorded = cdlm.load_recipe(str(run / "second" / "config.yaml"))
+    assert recorded.train.init_from == str(run / "first") and recorded.train.lr == 2e-3
+    loaded = cdlm.load_pretrained(run, device="cpu")  # a staged run resolves to its last trained stage
+    assert loaded.checkpoint == second.checkpoint
+    with pytest.raises(cdlm.CdlmError, match="stage 'third' not found"):
+        cdlm.train(config, run, stage="third")
+
+
+def test_sampling_errors(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cdlm.train(cdlm.load_recipe("elf-tiny", QUICK), run)
+    with pytest.raises(DataError, match="the list is empty"):
+        cdlm.sample(run, prompts=[])
+    (run / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="tokenizer.json: missing"):
+        cdlm.load_pretrained(run)
+    with pytest.raises(CheckpointError, match="needs a pretrained data.tokenizer"):
+        cdlm.load_pretrained(cdlm.load_recipe("elf-tiny"))
+
+
+def test_tokenizer_larger_than_the_model_vocabulary(tmp_path: Path) -> None:
+    config = cdlm.load_recipe("elf-tiny", [*QUICK, "data.vocab_size=600"])
+    with pytest.raises(DataError, match="the tokenizer has 600 tokens but the model reads 512 ids"):
+        cdlm.train(config, tmp_path / "run")
