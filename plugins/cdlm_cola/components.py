@@ -17,8 +17,9 @@ from torch import Tensor
 
 from cdlm.interfaces import Denoiser, Discretizer, Embedder, TokenBatch
 from cdlm_cola.dit import ColaDiT
+from cdlm_cola.layout import BlockPlan
 from cdlm_cola.schedule import ColaSchedule
-from cdlm_cola.vae import ColaTextVAE, posterior_sample
+from cdlm_cola.vae import ColaTextVAE, VaeEncoding, posterior_sample
 
 CLEAN = 1.0
 """Core time of clean latents (Cola time 0): the history and the repainted prompt positions (spec §6.1)."""
@@ -83,6 +84,40 @@ def _twice(u: Tensor | None) -> Tensor | None:
     return None if u is None else torch.cat([u, u])
 
 
+class ReferenceVAE(ColaTextVAE):
+    """The frozen reference encoder ``q_φref`` of Stage 2 (spec §9.1): the VAE as it stands when joint training starts.
+
+    Built as a copy of ``vae``; at its first :meth:`encode` it copies ``vae``'s weights again and sets the
+    persistent ``synced`` flag. A Stage-2 run that starts from a Stage-1 checkpoint (``train.init_from``) thus
+    anchors to the trained Stage-1 VAE, and a resumed run keeps the reference it saved. Stages that never
+    encode with it (``vae``, ``dit``, sampling) only carry it, so every stage has the same checkpoint keys.
+
+    Args:
+        vae: the live VAE (not registered as a submodule).
+    """
+
+    def __init__(self, vae: ColaTextVAE) -> None:
+        device = next(vae.parameters()).device
+        with torch.device("meta"):
+            super().__init__(vae.config)
+        self.to_empty(device=device)
+        self.register_buffer("synced", torch.zeros((), dtype=torch.bool, device=device))
+        self._source = (vae,)  # a tuple: the live VAE must not become a submodule (its keys would repeat)
+        self._copy()
+
+    @torch.no_grad()
+    def _copy(self) -> None:
+        for mine, theirs in zip(self.parameters(), self._source[0].parameters(), strict=True):
+            mine.copy_(theirs)
+
+    def encode(self, ids: Sequence[Tensor]) -> VaeEncoding:
+        """Encode like :meth:`ColaTextVAE.encode`, first taking the live VAE's weights if not yet synced."""
+        if not bool(self.synced):
+            self._copy()
+            self.synced.fill_(True)
+        return super().encode(ids)
+
+
 class ColaEmbedder(Embedder):
     """The VAE encoder, giving the DiT's latents ``(z − shifting_factor)·scaling_factor`` (spec §5, §6.1 step 3).
 
@@ -134,26 +169,47 @@ class ColaDenoiser(Denoiser):
         self.dit = dit
         self.schedule = schedule
 
-    def forward(self, z: Tensor, t: Tensor, cond: ColaCond, self_cond: Tensor | None = None) -> Tensor:
+    def forward(
+        self, z: Tensor, t: Tensor, cond: ColaCond, self_cond: Tensor | None = None, *, plan: BlockPlan | None = None
+    ) -> Tensor:
         """Return the raw DiT output (B, bs, C), Cola's velocity, for blocks z (B, bs, C) at core times t (B,).
 
         Repainted positions are evaluated as clean (Cola time 0); the history comes from the KV cache or is
-        recomputed from ``cond.context``. ``self_cond`` is unused (Cola has no self-conditioning).
+        recomputed from ``cond.context``. ``self_cond`` is unused (Cola has no self-conditioning). ``plan``, from
+        :meth:`plan` for these rows, takes the DiT's per-block fast path (same numbers to ≤ 1e-6).
         """
         rows, bs, _ = z.shape
         t_tok = t.float()[:, None].expand(rows, bs)  # (B, bs)
         if cond.pinned is not None:
             t_tok = torch.where(cond.pinned, CLEAN, t_tok)
         if cond.context is None:
-            k_lens = [(n or 0) + bs for n in cond.cached]
             timestep = self.schedule.model_time(t_tok).flatten()  # (B·bs,)
-            readers = [n is not None for n in cond.cached]
+            if plan is not None:
+                return self.dit.step(z.flatten(0, 1), timestep, plan).unflatten(0, (rows, bs))
+            k_lens, readers = self._lengths(cond, bs), [n is not None for n in cond.cached]
             out = self.dit(z.flatten(0, 1), k_lens, [bs] * rows, timestep, use_kv_cache=readers)  # (B·bs, C)
             return out.unflatten(0, (rows, bs))
         clean = [torch.full((c.shape[0],), CLEAN, device=z.device) for c in cond.context]
         txt, lens = _with_context(cond.context, z)
-        timestep = self.schedule.model_time(torch.cat([u for pair in zip(clean, t_tok) for u in pair]))
+        timestep = self.schedule.model_time(torch.cat([u for pair in zip(clean, t_tok, strict=True) for u in pair]))
         return _tails(self.dit(txt, lens, lens, timestep), lens, bs)
+
+    def plan(self, cond: ColaCond) -> BlockPlan | None:
+        """Plan the DiT calls of one block for the rows of ``cond`` (:meth:`ColaDiT.plan`); make one per block.
+
+        Returns:
+            The plan, or None for rows whose history is recomputed at every call (``cond.context``).
+        """
+        if cond.context is not None:
+            return None
+        bs = self.dit.config.block_size
+        readers = [n is not None for n in cond.cached]
+        return self.dit.plan(self._lengths(cond, bs), [bs] * len(cond), use_kv_cache=readers)
+
+    @staticmethod
+    def _lengths(cond: ColaCond, bs: int) -> list[int]:
+        """Keys per row of a cached-history call: its history (none for a fresh row) and its block."""
+        return [(n or 0) + bs for n in cond.cached]
 
     def append(self, latents: Sequence[Tensor], cached: Sequence[int]) -> None:
         """Commit clean latents (n_i, C) per sample to the DiT's KV cache at Cola time 0 (spec §6.1 steps 6, 7.6).

@@ -211,8 +211,10 @@ class ColaConfig(Section):
     time_distribution: Literal["logit_normal", "uniform"] = "logit_normal"
     t_loc: float = 0.0
     t_scale: PositiveFloat = 1.0
-    block_sizes: list[PositiveInt] | None = Field(None, description="per-sample training block sizes; None = dit.block_size")
-    block_size_probs: list[NonNegativeFloat] | None = None
+    block_sizes: list[PositiveInt] | None = Field(
+        None, description="per-sample training block sizes; None = dit.block_size"
+    )
+    block_size_probs: list[NonNegativeFloat] | None = Field(None, description="weights of block_sizes; None = uniform")
     prompt_block_prob: float = Field(0.0, ge=0.0, le=1.0)
     vae_mode: Literal["sample", "mode"] = "sample"
     loss_mode: Literal["all_token", "sft"] = Field(

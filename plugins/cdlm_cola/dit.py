@@ -4,13 +4,15 @@ Cola's own time convention holds here: t = 1 is noise, the timestep input is on 
 output is the velocity ``z_1 − z_0`` (spec §5); :mod:`cdlm_cola.schedule` converts to core time. Module and
 parameter names are the official ``ColaDiTModel`` ones (spec §3.1); the deterministic ``rope.freqs`` buffers
 are not module state (RoPE is computed from positions, H1) and :mod:`cdlm_cola.state_dict` handles them.
+:meth:`ColaDiT.forward` works as the reference, per call; :meth:`ColaDiT.plan` and :meth:`ColaDiT.step` are
+the generation fast path, which does the work that the Euler steps of a block share once.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +21,14 @@ from torch import Tensor, nn
 from cdlm.errors import DataError
 from cdlm_cola import layout
 from cdlm_cola.config import ColaDitConfig
-from cdlm_cola.kv_cache import KVCache
-from cdlm_cola.layout import Lengths, NaAttention
+from cdlm_cola.kv_cache import BlockKV, KVCache
+from cdlm_cola.layout import BlockAttention, BlockPlan, Lengths, NaAttention
 from cdlm_cola.rope import Rotary
 
 SINUSOIDAL_DIM = 256  # width of the sinusoidal timestep features, fixed in the reference
 ROPE_THETA = 10000.0
+Attention = NaAttention | BlockAttention  # per call (the reference's way) or per block (the fast path)
+LayerKV = KVCache | BlockKV | None  # a layer's cache, its per-block history, or nothing to read
 
 
 def sinusoidal_embedding(t: Tensor, dim: int = SINUSOIDAL_DIM) -> Tensor:
@@ -63,6 +67,28 @@ class TimestepEmbedding(nn.Module):
         return self.proj_out(F.silu(self.proj_hid(h)))
 
 
+@dataclass(frozen=True)
+class TokenEmbedding:
+    """The timestep embeddings of a call's query rows: one per row, or one per distinct timestep and an index.
+
+    Every AdaLN head is a row-wise Linear, so it may run on the distinct embeddings and be spread to the rows
+    afterwards: within a generation block the rows share one noisy timestep (and t = 0 on repainted positions).
+
+    Attributes:
+        emb: (N, E) embeddings: N = ΣLq, one per row, or one per distinct timestep.
+        index: (ΣLq,) int64, the row of ``emb`` of every query row; None when ``emb`` has one per row.
+    """
+
+    emb: Tensor
+    index: Tensor | None = None
+
+    def spread(self, x: Tensor) -> Tensor:
+        """Give x (N, …), computed row-wise from ``emb``, to every query row: (ΣLq, …), or (1, …) to broadcast."""
+        if self.index is None or x.shape[0] == 1:
+            return x
+        return x[self.index]
+
+
 class AdaLN(nn.Module):
     """Adaptive LayerNorm heads: ``{layer}_in`` gives [shift, scale], ``{layer}_out`` a residual gate.
 
@@ -79,14 +105,14 @@ class AdaLN(nn.Module):
             if gated:
                 self.add_module(f"{name}_out", nn.Sequential(nn.SiLU(), nn.Linear(dim, dim)))
 
-    def modulate(self, name: str, h: Tensor, norm: nn.Module, emb: Tensor) -> Tensor:
+    def modulate(self, name: str, h: Tensor, norm: nn.Module, emb: TokenEmbedding) -> Tensor:
         """Return ``norm(h)·(1 + scale) + shift`` (L, H); shift is the first half."""
-        shift, scale = getattr(self, f"{name}_in")(emb).chunk(2, dim=-1)
+        shift, scale = emb.spread(getattr(self, f"{name}_in")(emb.emb)).chunk(2, dim=-1)
         return norm(h) * (1 + scale) + shift
 
-    def gate(self, name: str, h: Tensor, residual: Tensor, emb: Tensor) -> Tensor:
+    def gate(self, name: str, h: Tensor, residual: Tensor, emb: TokenEmbedding) -> Tensor:
         """Return ``h·gate + residual`` (L, H)."""
-        return h * getattr(self, f"{name}_out")(emb) + residual
+        return h * emb.spread(getattr(self, f"{name}_out")(emb.emb)) + residual
 
 
 class ColaDiTAttention(nn.Module):
@@ -101,8 +127,8 @@ class ColaDiTAttention(nn.Module):
         self.norm_q = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps)  # one LayerNorm shared by all heads (H3)
         self.norm_k = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
 
-    def forward(self, x: Tensor, na: NaAttention, cache: KVCache | None) -> Tensor:
-        """Map x (ΣLq, H) to (ΣLq, H); ``cache`` holds keys after norm_k and before RoPE, and values."""
+    def forward(self, x: Tensor, na: Attention, cache: LayerKV) -> Tensor:
+        """Map x (ΣLq, H) to (ΣLq, H); ``cache`` holds values and keys after norm_k, before RoPE (a BlockKV: after)."""
         q, k, v = self.proj_qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).unbind(1)  # (ΣLq, nh, hd) each
         q, k = self.norm_q(q), self.norm_k(k)
         k, v = na.history(cache, k, v)  # (ΣLk, nh, hd)
@@ -133,8 +159,8 @@ class ColaDiTBlock(nn.Module):
         self.mlp = MLP(cfg.txt_dim, cfg.expand_ratio)
         self.ada = AdaLN(cfg.txt_dim, ("msa", "mlp"), gated=True)
 
-    def forward(self, h: Tensor, emb: Tensor, na: NaAttention, cache: KVCache | None) -> Tensor:
-        """Map h (ΣLq, H) under per-token embeddings emb (ΣLq, H) to (ΣLq, H)."""
+    def forward(self, h: Tensor, emb: TokenEmbedding, na: Attention, cache: LayerKV) -> Tensor:
+        """Map h (ΣLq, H) under the rows' timestep embeddings to (ΣLq, H)."""
         a = self.msa(self.ada.modulate("msa", h, self.msa_norm, emb), na, cache)
         h = self.ada.gate("msa", a, h, emb)
         m = self.mlp(self.ada.modulate("mlp", h, self.mlp_norm, emb))
@@ -275,9 +301,66 @@ class ColaDiT(nn.Module):
         na = self._na(k, q, h, update_kv, k_positions, q_positions, mask)
         if not all(readers):
             na = replace(na, readers=readers)
-        reads = any(readers)
-        for block, cache in zip(self.blocks, self._caches, strict=True):
-            h = block(h, emb, na, cache if reads else None)
+        caches = self._caches if any(readers) else [None] * len(self.blocks)
+        return self._trunk(h, TokenEmbedding(emb), na, caches)
+
+    @torch.no_grad()
+    def plan(self, k_lens: Lengths, q_lens: Lengths, *, use_kv_cache: bool | Sequence[bool] = True) -> BlockPlan:
+        """Make once what the calls of a generation block share (rows and cache stay fixed): mask, RoPE, history.
+
+        :meth:`step` runs each call with it. The plan holds a copy of the history: make a new one after a commit.
+
+        Args:
+            k_lens: keys per sample, as in :meth:`forward`.
+            q_lens: queries per sample.
+            use_kv_cache: which samples read their cached history, as in :meth:`forward`.
+
+        Raises:
+            DataError: inconsistent lengths.
+        """
+        k, q = layout.as_lengths(k_lens, "k_lens"), layout.as_lengths(q_lens, "q_lens")
+        readers = _readers(use_kv_cache, len(q))
+        history = self._history(readers)
+        layout.check_lengths(k, q, history, sum(q))
+        weight = self.txt_in.proj.weight
+        mask = layout.na_block_causal_mask(k, q, self.config.block_size, weight.dtype, weight.device)
+        attention = BlockAttention(self._rotary(layout.q_positions(k, q, weight.device)), mask)
+        if not history:
+            return BlockPlan(q, attention, [None] * len(self.blocks))
+        rot_k, slots = self._rotary(layout.k_positions(k, weight.device)), layout.q_slots(k, q, weight.device)
+        rooms = (cache.with_room(q, readers) for cache in self._caches)  # (ΣLk, nh, hd) each
+        return BlockPlan(q, attention, [BlockKV(rot_k(keys), values, slots) for keys, values in rooms])
+
+    def step(self, txt: Tensor, timestep: Tensor | float, plan: BlockPlan) -> Tensor:
+        """Predict the velocity of the rows a plan was made for, as :meth:`forward` does but faster.
+
+        The timestep embedding and every AdaLN head run once per distinct timestep (not per row), which moves
+        the result by a few float32 ulps (BLAS sums a 1-row product in another order); the mask, RoPE tables
+        and history come from the plan. For inference only: the plan's history is written in place.
+
+        Args:
+            txt: (ΣLq, C) query latents, samples concatenated as planned.
+            timestep: Cola time × 1000: a number, (ΣLq,) per row or (B,) per sample.
+            plan: from :meth:`plan`, with the KV cache unchanged since.
+
+        Returns:
+            (ΣLq, C) velocity.
+
+        Raises:
+            DataError: ``txt`` or ``timestep`` does not fit the plan's rows.
+        """
+        if txt.shape[0] != sum(plan.q_lens):
+            raise DataError(f"txt: the plan is for {sum(plan.q_lens)} rows (q_lens {plan.q_lens}), got {txt.shape[0]}")
+        h = self.txt_in.proj(txt)  # (ΣLq, H)
+        t = per_token_timesteps(timestep, plan.q_lens, h.dtype, h.device)  # (ΣLq,)
+        distinct, index = torch.unique(t, return_inverse=True)  # (U,), (ΣLq,)
+        emb = TokenEmbedding(self.emb_in(distinct, h.dtype), index)  # (U, H)
+        return self._trunk(h, emb, plan.attention, plan.kv)
+
+    def _trunk(self, h: Tensor, emb: TokenEmbedding, na: Attention, caches: Sequence[LayerKV]) -> Tensor:
+        """Run the blocks and the output head on h (ΣLq, H); return the velocity (ΣLq, C)."""
+        for block, cache in zip(self.blocks, caches, strict=True):
+            h = block(h, emb, na, cache)
         h = self.txt_out_ada.modulate("out", h, self.txt_out_norm, emb)
         return self.txt_out.proj(h)  # (ΣLq, C)
 
@@ -308,6 +391,8 @@ class ColaDiT(nn.Module):
             k_positions, q_positions = layout.k_positions(k, device), layout.q_positions(k, q, device)
         if mask is None:
             mask = layout.na_block_causal_mask(k, q, cfg.block_size, h.dtype, device)
-        rot_q = Rotary.at(q_positions.to(device), cfg.rope_dim, ROPE_THETA, "interleaved")
-        rot_k = Rotary.at(k_positions.to(device), cfg.rope_dim, ROPE_THETA, "interleaved")
+        rot_q, rot_k = self._rotary(q_positions.to(device)), self._rotary(k_positions.to(device))
         return NaAttention(q, rot_q, rot_k, mask, update_kv)
+
+    def _rotary(self, positions: Tensor) -> Rotary:
+        return Rotary.at(positions, self.config.rope_dim, ROPE_THETA, "interleaved")

@@ -3,7 +3,9 @@
 All samples are concatenated along one axis with no padding. ``k_lens[i]`` is the number of keys of sample i
 (cached history plus the current query), ``q_lens[i] <= k_lens[i]`` the number of queries, which are the
 *tail* of that sample's keys. Positions restart at 0 in every sample. Masks are additive, shaped
-(1, 1, ΣLq, ΣLk): 0 where attention is allowed, ``finfo(dtype).min`` elsewhere.
+(1, 1, ΣLq, ΣLk): 0 where attention is allowed, ``finfo(dtype).min`` elsewhere. :class:`NaAttention` carries
+what the layers of one call share; :class:`BlockAttention` and :class:`BlockPlan` carry it for every call of a
+generation block (the DiT's fast path).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cdlm.errors import DataError
-from cdlm_cola.kv_cache import KVCache
+from cdlm_cola.kv_cache import BlockKV, KVCache
 from cdlm_cola.rope import Rotary
 
 Lengths = Tensor | Sequence[int]
@@ -87,6 +89,14 @@ def q_positions(k_lens: Sequence[int], q_lens: Sequence[int], device: torch.devi
     sample, local = _local_index(q_lens, device)
     offset = torch.tensor([k - q for k, q in zip(k_lens, q_lens, strict=True)], dtype=torch.long, device=device)
     return local + offset[sample]  # (ΣLq,)
+
+
+def q_slots(k_lens: Sequence[int], q_lens: Sequence[int], device: torch.device | str | None = None) -> Tensor:
+    """Return the row of every query's own key on the key axis (ΣLq,) int64: Q is the tail of each sample's K."""
+    sample, _ = _local_index(q_lens, device)
+    lens = torch.tensor(k_lens, dtype=torch.long, device=device)  # (B,)
+    starts = torch.cumsum(lens, 0) - lens  # (B,)
+    return q_positions(k_lens, q_lens, device) + starts[sample]  # (ΣLq,)
 
 
 def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
@@ -197,13 +207,63 @@ class NaAttention:
         return cache.extend(k, v, self.q_lens, store=self.update_kv, readers=self.readers)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Rotate q (ΣLq, nh, hd) and k (ΣLk, nh, hd), attend over v (ΣLk, nh, hd); return (ΣLq, nh·hd).
+        """Rotate q (ΣLq, nh, hd) and k (ΣLk, nh, hd), attend over v (ΣLk, nh, hd); return (ΣLq, nh·hd)."""
+        return _attention(self.rot_q(q), self.rot_k(k), v, self.mask)
 
-        ``softmax(q·kᵀ/√hd + mask)·v``, the reference's explicit attention, through SDPA.
-        """
-        q, k = self.rot_q(q), self.rot_k(k)
-        mask = None if self.mask is None else self.mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask
-        )  # (1, nh, ΣLq, hd)
-        return out[0].transpose(0, 1).flatten(1)  # (ΣLq, nh·hd)
+
+@dataclass(frozen=True)
+class BlockAttention:
+    """The NA attention of every call of one generation block, made once for the block (the DiT's fast path).
+
+    Between the Euler steps of a block the rows, their positions and the history stay the same: the mask and
+    the query RoPE are built once, the history keys are rotated once (:class:`BlockKV`), and each call rotates
+    only its new queries and keys, the keys at the query positions (Q is the tail of K). Rotation is
+    elementwise, so the numbers are those of :class:`NaAttention`. Used like it: ``attend(q, *history(…))``.
+
+    Attributes:
+        rot_q: RoPE at the query positions (ΣLq).
+        mask: (1, 1, ΣLq, ΣLk) additive mask.
+    """
+
+    rot_q: Rotary
+    mask: Tensor
+
+    def history(self, kv: BlockKV | None, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Rotate the new keys (ΣLq, nh, hd); return all keys and values (ΣLk, nh, hd), keys rotated."""
+        k = self.rot_q(k)
+        return (k, v) if kv is None else kv.fill(k, v)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Rotate q (ΣLq, nh, hd), attend over the rotated keys k and values v (ΣLk, nh, hd); return (ΣLq, nh·hd)."""
+        return _attention(self.rot_q(q), k, v, self.mask)
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """What every DiT call of one generation block shares (:meth:`ColaDiT.plan <cdlm_cola.dit.ColaDiT.plan>`).
+
+    Attributes:
+        q_lens: queries per sample.
+        attention: the block's mask and query RoPE.
+        kv: per layer, the laid-out history with its keys rotated, or None when the rows read no history.
+    """
+
+    q_lens: list[int]
+    attention: BlockAttention
+    kv: list[BlockKV | None]
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """``softmax(q·kᵀ/√hd + mask)·v``, the reference's explicit attention, through SDPA: (ΣLq, nh·hd).
+
+    Args:
+        q: (ΣLq, nh, hd) rotated queries.
+        k: (ΣLk, nh, hd) rotated keys.
+        v: (ΣLk, nh, hd) values.
+        mask: (1, 1, ΣLq, ΣLk) additive mask, or None.
+    """
+    mask = None if mask is None else mask.to(q.dtype)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask
+    )  # (1, nh, ΣLq, hd)
+    return out[0].transpose(0, 1).flatten(1)  # (ΣLq, nh·hd)

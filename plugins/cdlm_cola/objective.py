@@ -24,8 +24,9 @@ The paper's training code is not public, so where it is silent these choices hol
 
 Every random draw of a step is made by :meth:`ColaObjective.draw` from the step's generator and held in
 :class:`ColaDraws`, so a recorded step (the reference's torch and Python ``random`` draws alike) can be replayed
-through :meth:`ColaObjective.loss`. Flow-matching times are core times (0 noise, 1 data): only
-:class:`~cdlm_cola.schedule.ColaSchedule` converts to Cola's τ = 1 − t and the DiT's ``time_scale·τ``.
+through :meth:`ColaObjective.loss`. Training times are drawn by :meth:`ColaSchedule.sample_t` and converted
+once by :func:`~cdlm_cola.schedule.to_cola_time`; the flow-matching maths then stays in Cola's time τ (1 = noise),
+see :mod:`cdlm_cola.objective_flow` for why.
 """
 
 from __future__ import annotations
@@ -40,10 +41,14 @@ from cdlm.errors import RecipeError
 from cdlm.interfaces import LossOutput, Objective, TokenBatch
 from cdlm_cola.config import ColaConfig
 from cdlm_cola.dit import ColaDiT
-from cdlm_cola.objective_flow import role_states, two_layout, with_prompt_blocks
+from cdlm_cola.objective_flow import role_states, sample_groups, two_layout, with_prompt_blocks
 from cdlm_cola.objective_vae import kl_between, kl_to_standard_normal, mask_tokens, masked_mean, neg_entropy
-from cdlm_cola.schedule import ColaSchedule
+from cdlm_cola.schedule import ColaSchedule, to_cola_time
 from cdlm_cola.vae import ColaTextVAE, Posterior, posterior
+
+SAMPLES_PER_CALL = 4
+"""Samples per VAE / DiT call: NA attention is dense over a call's samples, so small groups keep a step linear
+in the batch size (same numbers as one call; see :func:`~cdlm_cola.objective_flow.sample_groups`)."""
 
 
 @dataclass(frozen=True)
@@ -52,14 +57,14 @@ class FlowDraws:
 
     Attributes:
         block_index: (B,) int64 index into the training block sizes (drawn first: it fixes the shapes below).
-        t: (B,) core times (0 noise, 1 data) from :meth:`ColaSchedule.sample_t`.
+        tau: (B,) Cola times τ (1 noise, 0 data): ``to_cola_time`` of :meth:`ColaSchedule.sample_t`'s core times.
         z1: per sample (n_i, d) N(0, 1) noise.
         prompt_use: per sample (n_i / bs_i,) U[0, 1) prompt-block draws, or None when ``prompt_block_prob`` is 0.
         prompt_split: per sample (n_i / bs_i,) int64 clean-prefix lengths, uniform on ``[1, bs_i − 1]``.
     """
 
     block_index: Tensor
-    t: Tensor
+    tau: Tensor
     z1: list[Tensor]
     prompt_use: list[Tensor] | None
     prompt_split: list[Tensor] | None
@@ -180,7 +185,7 @@ class ColaObjective(Objective):
         mask_eps = [randn(n // ps, d) for n in lens] if self.masking else None
         if index is None:
             return ColaDraws(None, posterior_eps, mask_u, mask_eps)
-        t = self.schedule.sample_t(B, gen).to(device)
+        tau = to_cola_time(self.schedule.sample_t(B, gen)).to(device)
         z1 = [randn(n // ps, d) for n in lens]
         blocks = [n // (ps * bs) for n, bs in zip(lens, sizes, strict=True)]
         use = [rand(nb) for nb in blocks] if cfg.prompt_block_prob > 0 else None
@@ -188,7 +193,7 @@ class ColaObjective(Objective):
         if use is not None:
             split = [torch.randint(1, max(bs, 2), (nb,), generator=gen, device=gen.device).to(device)
                      for nb, bs in zip(blocks, sizes, strict=True)]  # fmt: skip
-        return ColaDraws(FlowDraws(index.to(device), t, z1, use, split), posterior_eps, mask_u, mask_eps)
+        return ColaDraws(FlowDraws(index.to(device), tau, z1, use, split), posterior_eps, mask_u, mask_eps)
 
     def loss(self, batch: TokenBatch, draws: ColaDraws) -> LossOutput:
         """Compute the loss of ``cfg.stage`` on ``batch`` for given draws.
@@ -232,9 +237,18 @@ class ColaObjective(Objective):
 
     def _encode(self, ids: list[Tensor], vae: ColaTextVAE | None = None) -> Posterior:
         """Encode rows (L_i,) into one posterior with (Σn_i, d) moments."""
-        enc = (vae or self.vae).encode(ids)
-        assert enc.params is not None  # use_variation, checked in __init__ for VAE-training stages
-        return posterior(torch.cat(enc.params))
+        params = []
+        for group in sample_groups(len(ids), SAMPLES_PER_CALL):
+            enc = (vae or self.vae).encode(ids[group])
+            assert enc.params is not None  # use_variation, checked in __init__ for VAE-training stages
+            params += enc.params
+        return posterior(torch.cat(params))
+
+    def _decode(self, z: Tensor, n_lens: list[int]) -> Tensor:
+        """Decode latents z (Σn_i, d) of samples with n_i latents each into fp32 logits (ΣL_i, V)."""
+        parts = z.split(n_lens)
+        groups = sample_groups(len(n_lens), SAMPLES_PER_CALL)
+        return torch.cat([self.vae.decode(torch.cat(parts[g]), n_lens[g], n_lens[g]) for g in groups]).float()
 
     def _vae_terms(self, rows: _Rows, draws: ColaDraws) -> tuple[dict[str, Tensor], Posterior, Tensor]:
         """Reconstruct the rows (and their masked copies) through a posterior sample.
@@ -248,14 +262,17 @@ class ColaObjective(Objective):
         ids, eps = list(rows.ids), list(draws.posterior_eps)
         masked: list[Tensor] = []
         if draws.mask_u is not None and draws.mask_eps is not None:
-            pairs = [mask_tokens(r, v, u, cfg.mask_ratio, mask_id) for r, v, u in zip(ids, rows.valid, draws.mask_u)]
+            pairs = [
+                mask_tokens(r, v, u, cfg.mask_ratio, mask_id)
+                for r, v, u in zip(ids, rows.valid, draws.mask_u, strict=True)
+            ]
             ids += [corrupted for corrupted, _ in pairs]
             masked = [positions for _, positions in pairs]
             eps += draws.mask_eps
         post = self._encode(ids)  # rows first, then their masked copies
         z_all = _sample(post, eps)  # (Σn, d)
         n_lens = [r.numel() // self.vae.config.patch_size for r in ids]
-        logits = self.vae.decode(z_all, n_lens, n_lens).float()  # (ΣL, V)
+        logits = self._decode(z_all, n_lens)  # (ΣL, V)
         targets = torch.cat(list(rows.ids) * (2 if masked else 1))  # masked copies predict the original tokens
         ce = F.cross_entropy(logits, targets, reduction="none")  # (ΣL,)
         n_tokens, n_latents = sum(r.numel() for r in rows.ids), sum(n_lens[: len(rows.ids)])
@@ -286,8 +303,8 @@ class ColaObjective(Objective):
             if flow.prompt_use is not None and flow.prompt_split is not None:
                 s = with_prompt_blocks(s, bs, flow.prompt_use[i], flow.prompt_split[i], cfg.prompt_block_prob)
             states.append(s)
-        batch = two_layout(z0, flow.z1, flow.t, states, valid, sizes, self.schedule)
-        return batch.loss(batch.run(self.dit))
+        batch = two_layout(z0, flow.z1, flow.tau, states, valid, sizes, cfg.time_scale)
+        return batch.loss(batch.run(self.dit, SAMPLES_PER_CALL))
 
 
 def _sample(post: Posterior, eps: list[Tensor]) -> Tensor:

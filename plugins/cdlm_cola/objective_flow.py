@@ -13,8 +13,11 @@ Each latent of the noisy copy is in one of three states, decided per block befor
 * :data:`HIDDEN`: ``z_1`` (pure noise) at the sample's time, not trained: a prompt latent that follows a response
   latent in its block (SFT), replaced so that the response cannot read it.
 
-Times are core times (t = 0 noise, t = 1 data) and every conversion to the DiT's input goes through
-:class:`~cdlm_cola.schedule.ColaSchedule`: ``z_t = t·z_0 + (1 − t)·z_1`` is Cola's ``(1 − τ)·z_0 + τ·z_1``.
+This module is Cola's own training maths and keeps Cola's time τ (1 = noise, the convention of the DiT and of
+the scripts): ``z_t = (1 − τ)·z_0 + τ·z_1``, DiT timestep ``time_scale·τ``, target ``z_1 − z_0``. Its callers
+get τ from :func:`cdlm_cola.schedule.to_cola_time`. Going through core time instead would compute
+``1 − (1 − τ)``, which can round τ's last bit: one fp32 ulp of a timestep near 1000 moves the DiT output by up to
+1e-5, the parity tolerance of the fixtures.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from torch import Tensor
 
 from cdlm_cola import layout
 from cdlm_cola.dit import ColaDiT
-from cdlm_cola.schedule import ColaSchedule
 
 CLEAN, NOISY, HIDDEN = 0, 1, 2
 """States of a noisy-copy latent (see the module docstring)."""
@@ -93,16 +95,26 @@ def with_prompt_blocks(states: Tensor, block_size: int, use: Tensor, split: Tens
     return states.masked_fill(prefix.flatten(), CLEAN)
 
 
+def sample_groups(n_samples: int, size: int | None) -> list[slice]:
+    """Split ``n_samples`` consecutive samples into groups of at most ``size`` (one group when None).
+
+    An NA call attends densely over all its samples, so its cost grows with the square of its total length;
+    samples never see each other, so calling the networks group by group gives the same numbers for less work.
+    """
+    step = size or max(n_samples, 1)
+    return [slice(start, start + step) for start in range(0, n_samples, step)]
+
+
 @dataclass(frozen=True)
 class TwoLayout:
-    """The one DiT call of a flow-matching step and what its output is compared with (spec §4.3).
+    """The DiT input of a flow-matching step and what its output is compared with (spec §4.3).
 
     Attributes:
         txt: (Σ2n, C) per sample ``[z_0 (detached) | noisy copy]``.
         timestep: (Σ2n,) DiT timesteps, 0..time_scale; 0 on the clean half and on CLEAN latents.
         positions: (Σ2n,) int64 RoPE positions ``[0..n−1, 0..n−1]`` per sample, for keys and queries alike.
-        mask: (1, 1, Σ2n, Σ2n) additive 2L block-causal mask.
         seq_lens: n per sample.
+        block_sizes: the block size of each sample's 2L mask.
         target: (Σn, C) Cola velocity ``z_1 − z_0`` of the noisy halves.
         loss_mask: (Σn,) fp32, 1 on NOISY latents that are real (not padding).
     """
@@ -110,16 +122,41 @@ class TwoLayout:
     txt: Tensor
     timestep: Tensor
     positions: Tensor
-    mask: Tensor
     seq_lens: list[int]
+    block_sizes: list[int]
     target: Tensor
     loss_mask: Tensor
 
-    def run(self, dit: ColaDiT) -> Tensor:
-        """Call the DiT on the layout; return its output (Σ2n, C)."""
+    def mask(self, group: slice = slice(None)) -> Tensor:
+        """Return the additive 2L block-causal mask (1, 1, Σ2n, Σ2n) of the samples in ``group``."""
+        return layout.twol_block_causal_mask(
+            self.seq_lens[group], self.block_sizes[group], self.txt.dtype, self.txt.device
+        )
+
+    def run(self, dit: ColaDiT, samples_per_call: int | None = None) -> Tensor:
+        """Call the DiT on the layout, ``samples_per_call`` samples at a time (all at once when None).
+
+        Returns:
+            (Σ2n, C) the DiT output of every latent of both halves.
+        """
         lens = [2 * n for n in self.seq_lens]
-        pos = self.positions
-        return dit(self.txt, lens, lens, self.timestep, k_positions=pos, q_positions=pos, mask=self.mask)
+        bounds = torch.tensor([0, *lens]).cumsum(0).tolist()
+        out = []
+        for group in sample_groups(len(lens), samples_per_call):
+            rows = slice(bounds[group.start], bounds[min(group.stop, len(lens))])
+            pos, glens = self.positions[rows], lens[group]
+            out.append(
+                dit(
+                    self.txt[rows],
+                    glens,
+                    glens,
+                    self.timestep[rows],
+                    k_positions=pos,
+                    q_positions=pos,
+                    mask=self.mask(group),
+                )
+            )
+        return torch.cat(out)  # (Σ2n, C)
 
     def loss(self, out: Tensor) -> Tensor:
         """Return the masked MSE () of the noisy half of a DiT output (Σ2n, C), in fp32 (spec §5)."""
@@ -132,11 +169,11 @@ class TwoLayout:
 def two_layout(
     z0: Sequence[Tensor],
     z1: Sequence[Tensor],
-    t: Tensor,
+    tau: Tensor,
     states: Sequence[Tensor],
     valid: Sequence[Tensor],
     block_sizes: Sequence[int],
-    schedule: ColaSchedule,
+    time_scale: float,
 ) -> TwoLayout:
     """Build the 2L layout of a batch: the noisy copies, the DiT inputs and the loss targets (spec §4.3, §9).
 
@@ -146,11 +183,11 @@ def two_layout(
     Args:
         z0: per sample (n_i, C) clean latents, already ``(z − shift)·scale``.
         z1: per sample (n_i, C) standard-normal noise.
-        t: (B,) core times (0 noise, 1 data), one per sample.
+        tau: (B,) Cola times τ (1 noise, 0 data), one per sample.
         states: per sample (n_i,) int64 latent states (:data:`CLEAN`, :data:`NOISY`, :data:`HIDDEN`).
         valid: per sample (n_i,) bool, False on padding (never trained).
         block_sizes: per-sample block size of the 2L mask.
-        schedule: the Cola schedule (path, target and DiT time input).
+        time_scale: T, the DiT reads ``T·τ`` (spec §5).
 
     Returns:
         The layout; call :meth:`TwoLayout.run` then :meth:`TwoLayout.loss`.
@@ -158,12 +195,12 @@ def two_layout(
     seq_lens = [x.shape[0] for x in z0]
     x, eps, state = torch.cat(list(z0)), torch.cat(list(z1)), torch.cat(list(states))  # (Σn, C), (Σn, C), (Σn,)
     device = x.device
-    t_row = t.to(device).repeat_interleave(torch.tensor(seq_lens, device=device))  # (Σn,)
-    t_row = torch.where(state == CLEAN, torch.ones_like(t_row), t_row)  # CLEAN latents sit at the data end
-    noisy = schedule.interpolate(x, eps, t_row)  # (Σn, C); exactly z_0 where t = 1
+    tau_row = tau.to(device).repeat_interleave(torch.tensor(seq_lens, device=device))  # (Σn,)
+    tau_row = torch.where(state == CLEAN, torch.zeros_like(tau_row), tau_row)  # CLEAN latents sit at the data end
+    noisy = (1 - tau_row)[:, None] * x + tau_row[:, None] * eps  # (Σn, C); exactly z_0 where τ = 0
     noisy = torch.where((state == HIDDEN)[:, None], eps, noisy)
-    clean_time = schedule.model_time(torch.ones_like(t_row))  # (Σn,) zeros
-    noisy_time = schedule.model_time(t_row)  # (Σn,)
+    clean_time = torch.zeros_like(tau_row)  # (Σn,)
+    noisy_time = time_scale * tau_row  # (Σn,)
 
     def interleave(clean: Tensor, noisy: Tensor) -> Tensor:  # per sample [clean_i | noisy_i]
         pairs = zip(clean.split(seq_lens), noisy.split(seq_lens), strict=True)
@@ -173,8 +210,8 @@ def two_layout(
         txt=interleave(x.detach(), noisy),  # (Σ2n, C)
         timestep=interleave(clean_time, noisy_time),  # (Σ2n,)
         positions=layout.twol_positions(seq_lens, device),  # (Σ2n,)
-        mask=layout.twol_block_causal_mask(seq_lens, list(block_sizes), x.dtype, device),
         seq_lens=seq_lens,
-        target=schedule.target(x, eps),  # (Σn, C)
+        block_sizes=list(block_sizes),
+        target=eps - x,  # (Σn, C)
         loss_mask=((state == NOISY) & torch.cat(list(valid)).to(device)).float(),  # (Σn,)
     )

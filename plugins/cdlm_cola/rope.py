@@ -4,8 +4,9 @@
   ``(x[2j], x[2j+1])`` on the first ``rope_dim`` channels of each head; the rest pass through.
 * VAE: NeoX **half-split** pairs ``(x[j], x[j + hd/2])`` over the whole head, θ = 5e5.
 
-Both are evaluated in fp32 from the positions given, at every call. Nothing is cached by sequence length: the
-reference's length-keyed cache returns canonical positions for explicit ones (hazard H1, spec §13).
+Both are evaluated in fp32 from the positions given, at every call (once per block on the DiT's generation fast
+path, whose positions do not change within a block). Nothing is cached by sequence length: the reference's
+length-keyed cache returns canonical positions for explicit ones (hazard H1, spec §13).
 """
 
 from __future__ import annotations

@@ -71,6 +71,35 @@ def test_cached_generation_step_matches_reference(dit: ColaDiT, fx: dict[str, Te
 
 
 @torch.no_grad()
+def test_planned_steps_match_reference_and_forward(dit: ColaDiT, fx: dict[str, Tensor]) -> None:
+    """The per-block fast path: one plan for a batched CFG call (cond rows read the cache, uncond rows fresh)."""
+
+    def get(name: str) -> Tensor:
+        return fx[f"dit/cache/in/{name}"]
+
+    prefix_lens, block, t750 = get("prefix_lens"), get("block"), get("timestep_block")
+    dit(get("prefix"), prefix_lens, prefix_lens, torch.zeros(12), update_kv=True, use_kv_cache=True)  # prefill
+    k_lens, q_lens, readers = [12, 8, 4, 4], [4] * 4, [True, True, False, False]
+    plan = dit.plan(k_lens, q_lens, use_kv_cache=readers)
+    both, t_both = torch.cat([block, block]), torch.cat([t750, t750])
+    expected = torch.cat([fx["dit/cache/out/cond_t750"], fx["dit/cache/out/uncond_t750"]])
+    close(dit.step(both, t_both, plan), expected)
+    pinned = t_both.clone()
+    pinned[[0, 1, 8, 12]] = 0.0  # repainted positions: two distinct timesteps, spread by index
+    for t in (pinned, torch.full((16,), 125.0), 900.0, t_both):  # the plan serves every Euler step of the block
+        want = dit(both, k_lens, q_lens, t, use_kv_cache=readers)
+        torch.testing.assert_close(dit.step(both, t, plan), want, atol=1e-6, rtol=1e-6)  # AdaLN on 1 row: a few ulp
+    assert dit._caches[0].lengths == [8, 4]  # planning and stepping leave the cache alone
+    fresh = dit.plan(q_lens, q_lens, use_kv_cache=False)
+    assert fresh.kv == [None, None]
+    close(dit.step(both, t_both, fresh), torch.cat([expected[8:], expected[8:]]))
+    with pytest.raises(DataError, match=r"the plan is for 16 rows"):
+        dit.step(block, t750, plan)
+    with pytest.raises(DataError, match=r"k_lens\[0\] = 8, expected 12"):
+        dit.plan([8, 8, 4, 4], q_lens, use_kv_cache=readers)
+
+
+@torch.no_grad()
 def test_twol_training_forward_matches_reference(dit: ColaDiT, fx: dict[str, Tensor]) -> None:
     def get(name: str) -> Tensor:
         return fx[f"dit/2l/in/{name}"]

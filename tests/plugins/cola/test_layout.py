@@ -8,13 +8,16 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from cdlm.errors import DataError
+from cdlm_cola.kv_cache import BlockKV, KVCache
 from cdlm_cola.layout import (
+    BlockAttention,
     NaAttention,
     as_lengths,
     check_lengths,
     k_positions,
     na_block_causal_mask,
     q_positions,
+    q_slots,
     twol_block_causal_mask,
     twol_positions,
 )
@@ -45,6 +48,8 @@ def test_positions_restart_per_sample_and_queries_are_the_tail() -> None:
     assert k_positions([3, 2]).tolist() == [0, 1, 2, 0, 1]
     assert q_positions([8, 4, 5], [4, 4, 0]).tolist() == [4, 5, 6, 7, 0, 1, 2, 3]
     assert twol_positions([3, 1]).tolist() == [0, 1, 2, 0, 1, 2, 0, 0]
+    assert q_slots([8, 4, 5], [4, 4, 0]).tolist() == [4, 5, 6, 7, 8, 9, 10, 11]  # rows of each tail on the key axis
+    assert q_slots([2, 5], [2, 3]).tolist() == [0, 1, 4, 5, 6]
 
 
 def test_na_mask_matches_reference(fx: dict[str, Tensor]) -> None:
@@ -90,6 +95,26 @@ def test_attention_equals_explicit_softmax_and_has_no_nan() -> None:
     expected = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).flatten(1)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
     assert not out.isnan().any()
+
+
+def test_block_attention_gives_the_numbers_of_per_call_attention() -> None:
+    """History laid out and rotated once, new keys written in place: bit for bit the per-call result."""
+    g = torch.Generator().manual_seed(0)
+    cache = KVCache()
+    cache.extend(torch.randn(10, 2, 8, generator=g), torch.randn(10, 2, 8, generator=g), [6, 4], store=True)
+    k_lens, q_lens, readers = [9, 7, 3], [3, 3, 3], [True, True, False]  # a fresh third sample reads no history
+    rot_q, rot_k = (Rotary.at(p, 4, 1e4, "interleaved") for p in (q_positions(k_lens, q_lens), k_positions(k_lens)))
+    mask = na_block_causal_mask(k_lens, q_lens, 2, torch.float32)
+    per_call = NaAttention(q_lens, rot_q, rot_k, mask, update_kv=False, readers=readers)
+    keys, values = cache.with_room(q_lens, readers)  # (19, 2, 8), zeros in the new rows
+    assert torch.equal(keys[q_slots(k_lens, q_lens)], torch.zeros(9, 2, 8))
+    block, kv = BlockAttention(rot_q, mask), BlockKV(rot_k(keys), values, q_slots(k_lens, q_lens))
+    for _ in range(2):  # every call of the block overwrites the same rows
+        q, k, v = (torch.randn(9, 2, 8, generator=g) for _ in range(3))
+        assert torch.equal(
+            block.attend(q, *block.history(kv, k, v)), per_call.attend(q, *per_call.history(cache, k, v))
+        )
+    assert cache.lengths == [6, 4]
 
 
 def test_lengths_are_checked() -> None:

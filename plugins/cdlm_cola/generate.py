@@ -1,0 +1,361 @@
+"""Cola generation: block-wise flow matching over VAE latents with repaint and CFG (Cola spec §5, §6, §7).
+
+This is the reference's ``generate_task_repaint_inference`` (spec §6.1), step for step: per-sample padding to
+a block multiple, prefix encoding (posterior mode, scaled), repaint of a prompt tail that ends inside a
+block, DiT and VAE prefill, then per block one call of the core :func:`~cdlm.sampling.solvers.integrate`
+(its ``constrain`` re-pins the repainted latents), a decode that commits the block to the VAE cache, token
+selection and a commit to the DiT cache at t = 0. Three things differ from the reference by default, and none
+changes the tokens (latents agree to fp32 rounding): the conditional and unconditional CFG rows run as one
+batched DiT forward; the DiT calls of a block share one plan (mask, RoPE tables and the history laid out with
+its keys rotated, made once; timestep embedding and AdaLN once per distinct timestep, see
+:meth:`~cdlm_cola.dit.ColaDiT.plan`); and the final block's DiT commit (whose keys nothing reads) is skipped.
+``ColaPipeline(cfg_batching="two_pass", planning="per_call")`` is the reference's way, the benchmark baseline.
+
+Random draws, in order, per batch: each block's noise, then its token draws (temperature > 0). With
+``model.per_sample_noise_seed`` S, row r's block k noise comes from its own generator seeded
+``S + r·1000 + k·10_000_000`` (r counts rows across the whole request), created on ``generator``'s device;
+otherwise every draw comes from ``generator`` in the reference's global-RNG order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+from cdlm.config import SampleConfig
+from cdlm.errors import DataError
+from cdlm.interfaces import GenerateOutput, GenerateRequest, Pipeline
+from cdlm.sampling import grids
+from cdlm.sampling.guidance import classifier_free, combine, conditional
+from cdlm.sampling.solvers import integrate
+from cdlm.sampling.tokens import select_tokens
+from cdlm.sampling.types import DenoiseFn, PredictFn, Prediction, StepCallback
+from cdlm_cola.components import ColaCond, ColaDecoder, ColaDenoiser, ColaEmbedder
+from cdlm_cola.config import ColaConfig
+from cdlm_cola.dit import ColaDiT
+from cdlm_cola.layout import BlockPlan
+from cdlm_cola.schedule import ColaSchedule
+from cdlm_cola.vae import ColaTextVAE
+
+CfgBatching = Literal["batched", "two_pass"]
+History = Literal["kv_cache", "recompute"]
+Planning = Literal["per_block", "per_call"]
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """How a batch of prompts becomes a prefix and a first block (spec §6.1 steps 2–5).
+
+    Attributes:
+        prefix: per sample, (n_i, C) scaled latents of its complete prompt blocks (n_i may be 0).
+        pinned: (B, bs) bool, the prompt-tail positions of the first block (repaint), or None if no sample has any.
+        clean: (B, bs, C) the first block's clean latents (read only where pinned).
+        trim: per sample, the re-decoded prompt tokens at the start of the output, dropped at the end.
+        one_block: ``max_new_tokens`` is below the free positions of some sample's repainted first block, so
+            only that block is generated (the reference's ``force_complete_prefix_only``).
+    """
+
+    prefix: list[Tensor]
+    pinned: Tensor | None
+    clean: Tensor
+    trim: list[int]
+    one_block: bool
+
+
+def cola_denoise_fn(denoiser: ColaDenoiser, schedule: ColaSchedule, planning: Planning = "per_call") -> DenoiseFn:
+    """Return Cola's DenoiseFn: the DiT on one block per row, read as a core-time Prediction.
+
+    With ``planning="per_block"`` it plans each set of rows (each ``cond`` object) at its first call
+    (:meth:`ColaDenoiser.plan`) and reuses that plan at every later call: make one per block, since a plan holds
+    the history as it was. ``"per_call"`` runs every call the reference's way.
+    """
+    plans: dict[int, tuple[ColaCond, BlockPlan | None]] = {}  # id(cond) → (cond, kept so the id stays its; plan)
+
+    def plan_of(cond: ColaCond) -> BlockPlan | None:
+        if planning == "per_call":
+            return None
+        if id(cond) not in plans:
+            plans[id(cond)] = (cond, denoiser.plan(cond))
+        return plans[id(cond)][1]
+
+    def denoise(z: Tensor, t: Tensor, x_prev: Tensor, cond: ColaCond) -> Prediction:
+        return schedule.predict(denoiser(z, t, cond, plan=plan_of(cond)), z, t)
+
+    return denoise
+
+
+def two_pass_cfg(denoise: DenoiseFn, cond: ColaCond, scale: float | Tensor) -> PredictFn:
+    """Return the reference's CFG: a conditional and a separate unconditional forward per step (spec §5).
+
+    Numerically the same as :func:`~cdlm.sampling.guidance.classifier_free` over 2B rows; kept to check that
+    and to time it (``benchmarks/cola_generation.py``).
+    """
+    if not isinstance(scale, Tensor) and scale == 1.0:
+        return conditional(denoise, cond)
+    null = cond.null()
+
+    def guided(z: Tensor, t: Tensor, x_prev: Tensor) -> Prediction:
+        c, u = denoise(z, t, x_prev, cond), denoise(z, t, x_prev, null)
+        return combine(Prediction(x=torch.cat([c.x, u.x]), v=torch.cat([c.v, u.v])), scale)
+
+    return guided
+
+
+class ColaPipeline(Pipeline):
+    """Prompt continuation with Cola, in batches of ``settings.batch_size`` prompts.
+
+    Args:
+        cfg: the Cola model section (token ids, ``per_sample_noise_seed``, ``time_scale``).
+        vae: the text VAE: encodes the prompts, decodes the blocks.
+        dit: the DiT prior.
+        cfg_batching: ``"batched"`` runs the CFG rows as one 2B-row forward; ``"two_pass"`` as the reference's
+            two B-row forwards. Same numbers; the benchmark compares their speed.
+        history: ``"kv_cache"`` reads the history from the KV caches (the reference's way); ``"recompute"``
+            runs the networks over the whole history at every call. Same numbers; the tests compare them.
+        planning: ``"per_block"`` builds the DiT's mask, RoPE tables and laid-out history (keys rotated) once
+            per block and runs its timestep embedding and AdaLN once per distinct timestep
+            (:meth:`ColaDiT.step`); ``"per_call"`` rebuilds them at every call and runs them per token, as the
+            reference. Same tokens, latents to ≤ 1e-6 per call; it applies to ``history="kv_cache"`` only.
+
+    Raises:
+        DataError: an option outside its choices.
+    """
+
+    def __init__(
+        self,
+        cfg: ColaConfig,
+        vae: ColaTextVAE,
+        dit: ColaDiT,
+        *,
+        cfg_batching: CfgBatching = "batched",
+        history: History = "kv_cache",
+        planning: Planning = "per_block",
+    ) -> None:
+        options = {
+            "cfg_batching": (cfg_batching, CfgBatching),
+            "history": (history, History),
+            "planning": (planning, Planning),
+        }
+        for name, (value, choices) in options.items():
+            if value not in get_args(choices):
+                raise DataError(f"ColaPipeline: {name}={value!r}; expected one of {get_args(choices)}")
+        self.cfg, self.embedder, self.decoder = cfg, ColaEmbedder(vae), ColaDecoder(vae)
+        self.schedule = ColaSchedule(cfg)
+        self.denoiser = ColaDenoiser(dit, self.schedule)
+        self.guide = classifier_free if cfg_batching == "batched" else two_pass_cfg
+        self.history, self.planning = history, planning
+        self.vae_cfg, self.block_size = vae.config, dit.config.block_size
+
+    @torch.no_grad()
+    def __call__(
+        self, request: GenerateRequest, generator: torch.Generator, on_step: StepCallback | None = None
+    ) -> GenerateOutput:
+        """Continue ``request.prompts`` (token ids; None: ``num_samples`` empty prompts) by whole blocks.
+
+        Each output keeps the ids after its prompt, special tokens included and not cut at EOS (spec §6.1
+        step 8); generation stops early only when every row of a batch has emitted EOS or im_end. ``nfe``
+        counts the solver's prediction calls (one per Euler step, however CFG is batched), the block decodes
+        and the DiT commits; the prefill is not counted.
+
+        Raises:
+            DataError: an empty prompt list, a count that differs from ``num_samples``, a token id outside the
+                VAE vocabulary (a tokenizer mismatch), or a non-uniform time grid.
+        """
+        settings: SampleConfig = request.settings
+        prompts = self._check(request)
+        ids: list[list[int]] = []
+        nfe = 0
+        for start in range(0, len(prompts), settings.batch_size):
+            batch_ids, batch_nfe = self._generate(
+                prompts[start : start + settings.batch_size], start, settings, generator, on_step
+            )
+            ids.extend(batch_ids)
+            nfe += batch_nfe
+        return GenerateOutput(ids=ids, nfe=nfe)
+
+    def plan(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> PromptPlan:
+        """Pad, encode and split prompts into prefixes and a first block (spec §6.1 steps 2–5).
+
+        Each prompt is padded with ``pad_id`` to a multiple of ``patch_size·block_size`` tokens and encoded
+        (the encoder sees the pads). A latent holding a prompt token is a prompt latent; with m of them and
+        ``m mod bs ≠ 0`` the last partial block becomes the first generated block, its prompt latents pinned.
+
+        Args:
+            prompts: token ids per sample (may be empty).
+            max_new_tokens: the generation budget, for the one-block rule.
+        """
+        bs, ps, dim = self.block_size, self.vae_cfg.patch_size, self.vae_cfg.latent_dim
+        device = self._device()
+        chunk = ps * bs
+        padded = [list(p) + [self.cfg.pad_id] * (-len(p) % chunk) for p in prompts]
+        rows = [torch.tensor(p, device=device) for p in padded if p]
+        encoded = iter(self.embedder.encode(rows) if rows else [])
+        latents = [next(encoded) if p else torch.zeros(0, dim, device=device) for p in padded]
+        prefix, trim = [], []
+        pinned = torch.zeros(len(prompts), bs, dtype=torch.bool, device=device)
+        clean = torch.zeros(len(prompts), bs, dim, device=device)
+        one_block = False
+        for i, (prompt, lat) in enumerate(zip(prompts, latents, strict=True)):
+            num_prompt = math.ceil(len(prompt) / ps)  # latents holding a prompt token
+            start = num_prompt // bs * bs
+            prefix.append(lat[:start])
+            trim.append(len(prompt) - start * ps if num_prompt % bs else 0)
+            if num_prompt % bs:
+                pinned[i, : num_prompt - start] = True
+                clean[i] = lat[start : start + bs]
+                one_block |= max_new_tokens < bs - num_prompt % bs
+        return PromptPlan(prefix, pinned if pinned.any() else None, clean, trim, one_block)
+
+    def _generate(
+        self,
+        prompts: list[list[int]],
+        first_row: int,
+        settings: SampleConfig,
+        generator: torch.Generator,
+        on_step: StepCallback | None,
+    ) -> tuple[list[list[int]], int]:
+        """Generate one batch (spec §6.1 steps 6–8); return the trimmed ids per row and the forwards spent."""
+        bs, ps, device = self.block_size, self.vae_cfg.patch_size, self._device()
+        plan = self.plan(prompts, settings.max_new_tokens)
+        num_blocks = 1 if plan.one_block else math.ceil(settings.max_new_tokens / (bs * ps))
+        history = list(plan.prefix)
+        cached = [h.shape[0] for h in history]
+        stop_ids = [i for i in (self.cfg.eos_id, self.cfg.im_end_id) if i is not None]
+        stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
+        tokens = torch.zeros(len(prompts), 0, dtype=torch.long, device=device)  # (B, P) sampled so far
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        nfe = 0
+        self._clear_caches()
+        try:
+            if self.history == "kv_cache" and any(cached):
+                self.denoiser.append(history, [0] * len(history))  # prefill at t = 0 (spec §6.1 step 6)
+                self.decoder.append(history, [0] * len(history))
+            for step in range(num_blocks):
+                pinned, clean = (plan.pinned, plan.clean) if step == 0 else (None, None)
+                if self.history == "kv_cache":
+                    cond = ColaCond.from_cache(cached, pinned, clean)
+                else:
+                    cond = ColaCond.from_history(history, pinned, clean)
+                scale = self._scale(settings.cfg, cached if step == 0 else None)
+                noise = self._noise(len(prompts), first_row, step, generator)  # (B, bs, C)
+                z, block_ids, block_nfe = self._block(cond, scale, noise, tokens, settings, generator, on_step)
+                tokens = torch.cat([tokens, block_ids], dim=1)
+                done |= torch.isin(block_ids, stops).any(dim=1)
+                nfe += block_nfe
+                if done.all() or step == num_blocks - 1:
+                    break
+                if self.history == "kv_cache":
+                    self.denoiser.append(list(z), cached)  # commit at t = 0 (spec §6.1 step 7.6)
+                    nfe += 1
+                cached = [n + bs for n in cached]
+                history = [torch.cat([h, zi]) for h, zi in zip(history, z, strict=True)]
+        finally:
+            self._clear_caches()
+        return [row[n:] for row, n in zip(tokens.tolist(), plan.trim, strict=True)], nfe
+
+    def _block(
+        self,
+        cond: ColaCond,
+        scale: float | Tensor,
+        noise: Tensor,
+        tokens: Tensor,
+        settings: SampleConfig,
+        generator: torch.Generator,
+        on_step: StepCallback | None,
+    ) -> tuple[Tensor, Tensor, int]:
+        """Integrate one block from noise (B, bs, C), decode it (a VAE cache commit) and select its tokens.
+
+        Returns:
+            The block's final latents (B, bs, C), its token ids (B, bs·ps) and the forwards spent.
+        """
+        denoise = cola_denoise_fn(self.denoiser, self.schedule, self.planning)  # a fresh one: plans last a block
+        out = integrate(
+            self.guide(denoise, cond, scale),
+            cond.restore(noise),
+            grids.uniform(settings.steps),
+            method=settings.sampler,
+            churn=settings.churn,
+            generator=generator,
+            constrain=cond.restore,
+            on_step=on_step,
+        )
+        logits = self.decoder(out.z, cond)  # (B, bs·ps, V)
+        block_ids = select_tokens(
+            logits,
+            temperature=settings.temperature,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            repetition_penalty=settings.repetition_penalty,
+            previous_ids=tokens if tokens.shape[1] else None,  # previous blocks only (H7)
+            generator=generator,
+        )  # (B, bs·ps)
+        return out.z, block_ids, out.nfe + 1
+
+    def _scale(self, cfg: float, prefix_lens: list[int] | None) -> float | Tensor:
+        """Return the CFG scale: per row in the first block, where a row with an empty prefix gets 1 (spec §5)."""
+        if prefix_lens is None or all(prefix_lens):
+            return cfg
+        scales = [cfg if n else 1.0 for n in prefix_lens]
+        if len(set(scales)) == 1:
+            return scales[0]
+        return torch.tensor(scales, dtype=torch.float32, device=self._device())  # (B,)
+
+    def _noise(self, rows: int, first_row: int, step: int, generator: torch.Generator) -> Tensor:
+        """Draw the block noise (B, bs, C) fp32 on the generator's device, then move it (spec §6.1 step 7.1)."""
+        shape = (self.block_size, self.vae_cfg.latent_dim)
+        seed = self.cfg.per_sample_noise_seed
+        if seed is None:
+            eps = torch.randn((rows, *shape), generator=generator, device=generator.device)
+        else:
+            eps = torch.stack(
+                [
+                    torch.randn(
+                        shape,
+                        generator=_seeded(seed + r * 1_000 + step * 10_000_000, generator.device),
+                        device=generator.device,
+                    )
+                    for r in range(first_row, first_row + rows)
+                ]
+            )
+        return eps.to(self._device())
+
+    def _check(self, request: GenerateRequest) -> list[list[int]]:
+        if request.prompts is None:
+            return [[] for _ in range(request.num_samples)]
+        prompts = [list(p) for p in request.prompts]
+        if not prompts:
+            raise DataError("Cola generation: the prompt list is empty; pass at least one prompt (or None)")
+        if len(prompts) != request.num_samples:
+            raise DataError(
+                f"Cola generation: got {len(prompts)} prompts for num_samples={request.num_samples}; expected one each"
+            )
+        vocab = self.vae_cfg.vocab_size
+        for i, prompt in enumerate(prompts):
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise DataError(
+                    f"Cola generation: prompt {i} has token ids {bad[:8]} outside [0, {vocab}), the VAE vocabulary "
+                    "(model.vae.vocab_size); was it tokenized with another tokenizer than data.tokenizer?"
+                )
+        if request.settings.grid != "uniform":
+            raise DataError(
+                f"sample.grid={request.settings.grid!r}: Cola generation integrates on the reference's uniform grid; "
+                "set sample.grid=uniform"
+            )
+        return prompts
+
+    def _clear_caches(self) -> None:
+        self.denoiser.dit.clear_cache()
+        self.decoder.vae.clear_cache()
+
+    def _device(self) -> torch.device:
+        return next(self.denoiser.dit.parameters()).device
+
+
+def _seeded(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
