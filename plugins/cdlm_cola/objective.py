@@ -44,7 +44,7 @@ from cdlm_cola.dit import ColaDiT
 from cdlm_cola.objective_flow import role_states, sample_groups, two_layout, with_prompt_blocks
 from cdlm_cola.objective_vae import kl_between, kl_to_standard_normal, mask_tokens, masked_mean, neg_entropy
 from cdlm_cola.schedule import ColaSchedule, to_cola_time
-from cdlm_cola.vae import ColaTextVAE, Posterior, posterior
+from cdlm_cola.vae import ColaTextVAE, Posterior, VaeEncoding, posterior
 
 SAMPLES_PER_CALL = 4
 """Samples per VAE / DiT call: NA attention is dense over a call's samples, so small groups keep a step linear
@@ -138,8 +138,11 @@ class ColaObjective(Objective):
         ref_vae: ColaTextVAE | None,
         schedule: ColaSchedule,
     ) -> None:
-        if cfg.stage != "dit" and not vae.config.use_variation:
-            raise RecipeError(f"model.stage={cfg.stage!r} trains the VAE's posterior: set vae.use_variation: true")
+        if (cfg.stage != "dit" or cfg.vae_mode == "sample") and not vae.config.use_variation:
+            raise RecipeError(
+                f"model.stage={cfg.stage!r} with vae_mode={cfg.vae_mode!r} needs the VAE's Gaussian posterior: set "
+                "vae.use_variation: true (or train the DiT alone on the mode: stage: dit, vae_mode: mode)"
+            )
         if cfg.stage == "joint" and cfg.ref_kl_weight > 0 and ref_vae is None:
             raise RecipeError("model.stage='joint' with ref_kl_weight > 0 needs the frozen reference VAE (ref_vae)")
         self.cfg, self.vae, self.dit, self.ref_vae, self.schedule = cfg, vae, dit, ref_vae, schedule
@@ -213,8 +216,11 @@ class ColaObjective(Objective):
         rows = _Rows.pad(batch, [ps * bs for bs in sizes], cfg.pad_id)
         if cfg.stage == "dit":
             with torch.no_grad():
-                post = self._encode(rows.ids)
-            z = post.mean if draws.posterior_eps is None else _sample(post, draws.posterior_eps)
+                enc = self._encode(rows.ids)
+            if draws.posterior_eps is None:
+                z = torch.cat(enc.latents)  # the posterior mode (Σn, d)
+            else:
+                z = _sample(_posterior(enc), draws.posterior_eps)
             fm = self._flow_matching(z, rows, sizes, draws)
             return LossOutput(fm, {"fm": float(fm.detach())})
         terms, post, z = self._vae_terms(rows, draws)
@@ -228,21 +234,21 @@ class ColaObjective(Objective):
         metrics["fm"] = float(fm.detach())
         if self.ref_vae is not None and cfg.ref_kl_weight > 0:
             with torch.no_grad():
-                ref = self._encode(rows.ids, self.ref_vae)
+                ref = _posterior(self._encode(rows.ids, self.ref_vae))
             valid, _ = rows.per_latent(ps)
             ref_kl = masked_mean(kl_between(post, ref), torch.cat(valid))
             loss = loss + cfg.ref_kl_weight * ref_kl
             metrics["ref_kl"] = float(ref_kl.detach())
         return LossOutput(loss, metrics)
 
-    def _encode(self, ids: list[Tensor], vae: ColaTextVAE | None = None) -> Posterior:
-        """Encode rows (L_i,) into one posterior with (Σn_i, d) moments."""
-        params = []
+    def _encode(self, ids: list[Tensor], vae: ColaTextVAE | None = None) -> VaeEncoding:
+        """Encode rows (L_i,) with ``vae`` (default: the trained one), :data:`SAMPLES_PER_CALL` at a time."""
+        latents, params = [], []
         for group in sample_groups(len(ids), SAMPLES_PER_CALL):
             enc = (vae or self.vae).encode(ids[group])
-            assert enc.params is not None  # use_variation, checked in __init__ for VAE-training stages
-            params += enc.params
-        return posterior(torch.cat(params))
+            latents += enc.latents
+            params += enc.params or []
+        return VaeEncoding(latents, params or None)
 
     def _decode(self, z: Tensor, n_lens: list[int]) -> Tensor:
         """Decode latents z (Σn_i, d) of samples with n_i latents each into fp32 logits (ΣL_i, V)."""
@@ -269,7 +275,7 @@ class ColaObjective(Objective):
             ids += [corrupted for corrupted, _ in pairs]
             masked = [positions for _, positions in pairs]
             eps += draws.mask_eps
-        post = self._encode(ids)  # rows first, then their masked copies
+        post = _posterior(self._encode(ids))  # rows first, then their masked copies
         z_all = _sample(post, eps)  # (Σn, d)
         n_lens = [r.numel() // self.vae.config.patch_size for r in ids]
         logits = self._decode(z_all, n_lens)  # (ΣL, V)
@@ -305,6 +311,12 @@ class ColaObjective(Objective):
             states.append(s)
         batch = two_layout(z0, flow.z1, flow.tau, states, valid, sizes, cfg.time_scale)
         return batch.loss(batch.run(self.dit, SAMPLES_PER_CALL))
+
+
+def _posterior(enc: VaeEncoding) -> Posterior:
+    """Return the posterior with (Σn_i, d) moments of an encoding's samples."""
+    assert enc.params is not None  # use_variation, checked in ColaObjective.__init__
+    return posterior(torch.cat(enc.params))
 
 
 def _sample(post: Posterior, eps: list[Tensor]) -> Tensor:

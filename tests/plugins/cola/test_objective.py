@@ -92,7 +92,7 @@ def test_stage1_loss_combines_its_terms() -> None:
     m = out.metrics
     assert set(m) == {"recon_ce", "recon_acc", "kl", "mask_ce"}
     expected = 2.0 * (m["recon_ce"] + 0.3 * m["kl"] + 0.7 * m["mask_ce"])
-    assert float(out.loss) == pytest.approx(expected, rel=1e-6)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_joint_loss_combines_its_terms() -> None:
@@ -105,7 +105,7 @@ def test_joint_loss_combines_its_terms() -> None:
     assert set(m) == {"recon_ce", "recon_acc", "neg_entropy", "mask_ce", "fm", "ref_kl"}
     assert m["ref_kl"] > 0
     expected = m["recon_ce"] + 0.3 * m["neg_entropy"] + m["mask_ce"] + 0.5 * m["fm"] + 2.0 * m["ref_kl"]
-    assert float(out.loss) == pytest.approx(expected, rel=1e-6)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_history_half_is_stop_gradient() -> None:
@@ -175,7 +175,7 @@ def test_draws_replay_equals_a_call(stage: str) -> None:
     b = batch()
     direct = obj(b, torch.Generator().manual_seed(9))
     replayed = obj.loss(b, obj.draw(b, torch.Generator().manual_seed(9)))
-    assert float(direct.loss) == float(replayed.loss)
+    assert direct.loss.item() == replayed.loss.item()
     assert direct.metrics == replayed.metrics
 
 
@@ -192,7 +192,7 @@ def test_loss_decreases_on_a_fixed_batch(stage: str) -> None:
         loss = obj.loss(b, draws).loss
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
 
 
@@ -201,11 +201,11 @@ def test_padding_is_never_trained() -> None:
     b = batch(rows=1, length=14)  # padded to 16 latents; the last 5 tokens are not real either
     draws = obj.draw(b, torch.Generator().manual_seed(11))
     assert draws.flow is not None and draws.flow.z1[0].shape == (16, LATENT)
-    base = float(obj.loss(b, draws).loss)
+    base = obj.loss(b, draws).loss.item()
     z1 = [draws.flow.z1[0].clone()]
     z1[0][12:] += 10.0  # the last block is all padding: no trained latent attends to its noisy rows
     flow = type(draws.flow)(draws.flow.block_index, draws.flow.tau, z1, None, None)
-    assert float(obj.loss(b, ColaDraws(flow, draws.posterior_eps, None, None)).loss) == pytest.approx(base)
+    assert obj.loss(b, ColaDraws(flow, draws.posterior_eps, None, None)).loss.item() == pytest.approx(base)
 
 
 def test_bad_setups_are_rejected() -> None:
@@ -218,5 +218,8 @@ def test_bad_setups_are_rejected() -> None:
     cfg = ColaConfig(vae=plain, dit=DIT, stage="vae", pad_id=0)
     with pytest.raises(RecipeError, match="use_variation"):
         ColaObjective(cfg, ColaTextVAE(plain, g), dit, None, ColaSchedule(cfg))
+    cfg = ColaConfig(vae=plain, dit=DIT, stage="dit", vae_mode="mode", pad_id=0)  # the mode needs no posterior
+    obj = ColaObjective(cfg, ColaTextVAE(plain, g), dit, None, ColaSchedule(cfg))
+    assert obj(batch(), torch.Generator().manual_seed(0)).loss.item() > 0
     with pytest.raises(ValueError, match="block_size_probs"):
         ColaConfig(vae=VAE, dit=DIT, block_sizes=[1, 2], block_size_probs=[1.0])

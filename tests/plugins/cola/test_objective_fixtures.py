@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -24,7 +25,7 @@ from cdlm_cola.objective import ColaDraws, ColaObjective, FlowDraws
 from cdlm_cola.objective_flow import NOISY, role_states, two_layout, with_prompt_blocks
 from cdlm_cola.schedule import ColaSchedule
 from cdlm_cola.state_dict import load_pretrained_dit, load_pretrained_vae
-from cdlm_cola.vae import ColaTextVAE
+from cdlm_cola.vae import ColaTextVAE, posterior
 from conftest import shared_path
 
 ATOL = 1e-5
@@ -156,6 +157,14 @@ def test_pretrain_step_replays_reference(fx: Any, vae: ColaTextVAE, dit: ColaDiT
     draws = case.replay(cfg, ids.shape[0])
     assert [cfg.block_sizes[i] for i in draws.flow.block_index] == case.meta["in/sample_block_sizes"]  # type: ignore[union-attr]
     case.check_layout_and_loss(cfg, dit, draws, [torch.zeros(z.shape[0], dtype=torch.bool) for z in draws.flow.z1])  # type: ignore[union-attr]
+    for i, bs in enumerate(cfg.block_sizes[k] for k in draws.flow.block_index):  # type: ignore[union-attr]
+        row = F.pad(ids[i], (0, -ids.shape[1] % bs), value=cfg.pad_id)  # the scripts pad with their stop token
+        with torch.no_grad():
+            enc = vae.encode([row])
+        assert enc.params is not None
+        post = posterior(enc.params[0])
+        z = post.mean if draws.posterior_eps is None else post.mean + post.std * draws.posterior_eps[i]
+        close((z - vae.config.shifting_factor) * vae.config.scaling_factor, case.t[f"in/z0_{i}"])
     # the whole TokenBatch path: padding, VAE encode, posterior sample, scaling, noisy copies, DiT, loss
     batch = TokenBatch(ids, torch.ones_like(ids, dtype=torch.bool), torch.zeros_like(ids, dtype=torch.bool))
     with torch.no_grad():
