@@ -82,3 +82,28 @@ def test_train_then_sample_round_trip_matches_the_api(tmp_path: Path) -> None:
 
     plain = cdlm_cli("sample", "-c", str(run), "--num-samples", "3", "--steps", "4", "--seed", "7")
     assert plain.returncode == 0 and plain.stdout.strip() == "\n\n".join(r["text"] for r in records).strip()
+
+
+def test_sample_from_a_recipe_that_loads_released_weights(tmp_path: Path) -> None:
+    from conftest import shared_path
+
+    fixtures = shared_path("fixtures", "cola")
+    recipe = tmp_path / "cola-release.yaml"
+    recipe.write_text(
+        "method: cola\n"
+        f"model: {{pretrained_dit: {fixtures / 'cola_dit'}, pretrained_vae: {fixtures / 'cola_vae'}, "
+        "pad_id: 3, eos_id: 0, im_end_id: 2, per_sample_noise_seed: 66}\n"
+        f"data: {{tokenizer: {fixtures / 'tokenizer.json'}}}\n"
+        "sample: {sampler: euler, grid: uniform, steps: 16, cfg: 7.0, max_new_tokens: 8, repetition_penalty: 1.1}\n"
+    )
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "The cat sat on"}\n{"prompt": "Once upon a time there was a"}\n')
+    out = tmp_path / "out.jsonl"
+    done = cdlm_cli("sample", "--recipe", str(recipe), "--prompts-file", str(prompts), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    api = cdlm.sample(cdlm.load_recipe(str(recipe)), prompts=["The cat sat on", "Once upon a time there was a"])
+    assert [r["ids"] for r in records] == [s.ids for s in api] and len(records) == 2
+    assert [r["prompt"] for r in records] == ["The cat sat on", "Once upon a time there was a"]
+    both = cdlm_cli("sample", "--recipe", str(recipe), "--checkpoint", str(tmp_path))
+    assert both.returncode == 2 and "exactly one of --checkpoint DIR" in both.stderr
