@@ -124,7 +124,7 @@ class ColaObjective(Objective):
         dit: the DiT prior (unused in ``vae``).
         ref_vae: the frozen reference encoder ``q_φref`` of Stage 2's KL anchor; needed when ``stage: joint``
             and ``ref_kl_weight > 0``.
-        schedule: the Cola flow schedule (training times, path, target, DiT time input).
+        schedule: the Cola flow schedule; it draws the training times.
 
     Raises:
         RecipeError: a VAE-training stage on a VAE without a Gaussian posterior, or a missing reference encoder.
