@@ -7,8 +7,9 @@ A plugin whose paper uses another convention converts in its own ``schedule.py``
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -110,11 +111,15 @@ class GenerateRequest:
         num_samples: number of sequences.
         prompts: token ids per sample to condition on or continue; None for unconditional generation.
         settings: the run's validated ``sample:`` section (:class:`cdlm.config.SampleConfig`).
+        sample_ids: one identifier per sample (a prompt's ``id`` field), or None. A pipeline that seeds each
+            sample's noise separately keys it by this id, so a sample's output does not depend on where it
+            sits in the request (Cola spec §6.1 step 7.1).
     """
 
     num_samples: int
     prompts: list[list[int]] | None
     settings: Any
+    sample_ids: list[int | str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,66 @@ class StateDictAdapter(ABC):
 
 
 @dataclass(frozen=True)
+class ReleasedCheckpoint:
+    """A released (official) checkpoint read as it is: a recipe that builds a model it fits, and its weights.
+
+    Attributes:
+        recipe: the raw run config (a recipe mapping, before validation; the core applies ``--set`` overrides on
+            top and validates it) that builds a model these weights load into.
+        weights: the trained (raw, not averaged) weights in ``Method.modules()`` keys. Keys of frozen modules that
+            the build loads by itself (ELF's pretrained T5 encoder, Cola's reference VAE) may be absent.
+        ema: EMA shadows for some of ``weights``' keys (the ones sampling uses by default), or None.
+        step: the training step the checkpoint records, or None.
+    """
+
+    recipe: dict[str, Any]
+    weights: dict[str, Tensor]
+    ema: dict[str, Tensor] | None = None
+    step: int | None = None
+
+
+class ReleasedFormat(ABC):
+    """A released checkpoint layout that a plugin reads as it is and writes back (``cdlm convert``).
+
+    The core tries every installed plugin's formats on a path that is not a cdlm run, checkpoint or
+    ``save_pretrained`` directory (a hub id is downloaded first), and takes the first that :meth:`detect` s it.
+    """
+
+    name: ClassVar[str]
+    """Short name used by ``cdlm convert --to NAME``, e.g. ``elf-official``."""
+
+    @abstractmethod
+    def detect(self, path: Path) -> bool:
+        """Return whether ``path`` (a local file or directory) is in this layout; cheap, loads no tensors."""
+
+    @abstractmethod
+    def read(self, path: Path) -> ReleasedCheckpoint:
+        """Read the checkpoint at ``path``. Raises CheckpointError naming the file and what is wrong with it."""
+
+    @abstractmethod
+    def write(
+        self,
+        directory: Path,
+        *,
+        config: Any,
+        weights: Mapping[str, Tensor],
+        ema: Mapping[str, Tensor] | None,
+        step: int,
+        tokenizer: Any,
+    ) -> Path:
+        """Write a model in this layout under ``directory`` and return the path :meth:`read` takes.
+
+        Args:
+            directory: created if missing.
+            config: the validated :class:`cdlm.config.RunConfig` the weights were built with.
+            weights: ``Method.modules()`` state dict (raw weights).
+            ema: EMA shadows of the trainable weights, or None (the raw weights stand in for them).
+            step: training step to record.
+            tokenizer: the run's ``PreTrainedTokenizerBase`` (a layout that ships its tokenizer writes it).
+        """
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """What a plugin registers under the entry-point group ``cdlm.plugins``.
 
@@ -184,6 +249,8 @@ class MethodSpec:
         build: ``(run_config) → Method``, reading ``run_config.model`` (an instance of ``config_cls``) and any core
             section it needs; must work on the meta device (no data-dependent work).
         state_dict_adapters: official checkpoint layouts this method can load, by name.
+        released_formats: released checkpoint layouts that ``cdlm.load_pretrained``, ``cdlm sample --checkpoint``
+            and ``cdlm convert`` read as they are (first match wins).
     """
 
     name: str
@@ -191,3 +258,4 @@ class MethodSpec:
     config_cls: type[BaseModel]
     build: Callable[[Any], Method]
     state_dict_adapters: Mapping[str, Callable[[Any], StateDictAdapter]] = field(default_factory=dict)
+    released_formats: Sequence[ReleasedFormat] = ()
