@@ -114,9 +114,9 @@ def save_checkpoint(
     tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     tmp.mkdir()
     opt_tensors, opt_rest = _split_optimizer_state(optimizer_state)
-    save_file(_saveable(model_state), tmp / MODEL_FILE)
-    save_file(_saveable(ema_state), tmp / EMA_FILE)
-    save_file(_saveable(opt_tensors), tmp / OPTIMIZER_FILE)
+    save_file(saveable(model_state), tmp / MODEL_FILE)
+    save_file(saveable(ema_state), tmp / EMA_FILE)
+    save_file(saveable(opt_tensors), tmp / OPTIMIZER_FILE)
     trainer_state = {
         "format": _FORMAT,
         "step": step,
@@ -320,7 +320,7 @@ def _join_optimizer_state(tensors: Mapping[str, Tensor], rest: Mapping[str, Any]
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
-def _saveable(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def saveable(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Detached, contiguous CPU tensors, cloned where two entries share storage (safetensors refuses that)."""
     out, seen = {}, set()
     for key, value in sd.items():
