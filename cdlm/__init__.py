@@ -20,9 +20,29 @@ from cdlm.errors import CdlmError
 from cdlm.recipes import list_recipes, load_recipe
 
 if TYPE_CHECKING:
-    from cdlm.runs import Pretrained, Sample, build, load_pretrained, sample, train
+    from cdlm.runs import (
+        Pretrained,
+        Sample,
+        build,
+        convert,
+        from_pretrained,
+        load_pretrained,
+        sample,
+        save_pretrained,
+        train,
+    )
 
-_RUNS = ("Pretrained", "Sample", "build", "load_pretrained", "sample", "train")
+_RUNS = (
+    "Pretrained",
+    "Sample",
+    "build",
+    "convert",
+    "from_pretrained",
+    "load_pretrained",
+    "sample",
+    "save_pretrained",
+    "train",
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -38,10 +58,13 @@ __all__ = [
     "RunConfig",
     "Sample",
     "build",
+    "convert",
+    "from_pretrained",
     "list_recipes",
     "load_pretrained",
     "load_recipe",
     "recipes",
     "sample",
+    "save_pretrained",
     "train",
 ]

@@ -8,6 +8,7 @@ the file or override it came from, the field, what was expected and what was fou
 
 from __future__ import annotations
 
+import copy
 import difflib
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -188,7 +189,8 @@ def validate(raw: Mapping[str, Any], *, path: Path | None = None, overrides: Seq
     return config
 
 
-def _raw(config: RunConfig) -> dict[str, Any]:
+def raw_config(config: RunConfig) -> dict[str, Any]:
+    """Return the config as a plain mapping (what a recipe file or a `config.json` holds)."""
     data = config.model_dump(mode="json")
     if isinstance(config.model, BaseModel):
         data["model"] = config.model.model_dump(mode="json")
@@ -204,7 +206,7 @@ def stage_config(config: RunConfig, name: str) -> RunConfig:
     names = [stage.name for stage in config.stages]
     if name not in names:
         raise RecipeError(f"stage {name!r} not found; the recipe's stages are {names}")
-    raw = _raw(config)
+    raw = raw_config(config)
     raw["stages"] = []
     overrides = config.stages[names.index(name)].overrides
     return validate(_merge(raw, overrides), path=None, overrides=())
@@ -222,7 +224,18 @@ def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> RunC
         The validated run configuration.
     """
     path = resolve(name_or_path)
-    raw = read_with_extends(path)
+    return with_overrides(read_with_extends(path), overrides, path=path)
+
+
+def with_overrides(raw: Mapping[str, Any], overrides: Sequence[str] = (), *, path: Path | None = None) -> RunConfig:
+    """Apply ``--set`` style overrides to a raw recipe mapping (a copy) and validate it.
+
+    Args:
+        raw: the recipe as read (a YAML file, a checkpoint's ``config.json``, a released checkpoint's inference).
+        overrides: ``KEY=VALUE`` strings applied in order; they win over the recipe's stage values too.
+        path: where ``raw`` came from, named in errors.
+    """
+    raw = copy.deepcopy(dict(raw))
     for item in overrides:
         set_dotted(raw, item)
         _unset_in_stages(raw, item.partition("=")[0].strip())
@@ -242,4 +255,4 @@ def _unset_in_stages(raw: dict[str, Any], key: str) -> None:
 
 def to_yaml(config: RunConfig) -> str:
     """Return the resolved configuration as YAML (what ``cdlm recipes show`` prints and runs record)."""
-    return yaml.safe_dump(_raw(config), sort_keys=False)
+    return yaml.safe_dump(raw_config(config), sort_keys=False)

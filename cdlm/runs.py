@@ -8,21 +8,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
+from cdlm import export
 from cdlm.config import RunConfig
 from cdlm.data.pack import prepare
-from cdlm.data.tokenize import TOKENIZER_FILE, load_tokenizer
-from cdlm.errors import CheckpointError, DataError, RecipeError
+from cdlm.errors import DataError, RecipeError
+from cdlm.export import write_checkpoint_dir
 from cdlm.interfaces import GenerateRequest, Method
+from cdlm.loading import load_source_tokenizer, load_weights, read_source, released_format
 from cdlm.precision import autocast_context
-from cdlm.recipes import load_recipe, stage_config, to_yaml
+from cdlm.recipes import stage_config, to_yaml
 from cdlm.registry import get_method
 from cdlm.sampling.types import StepCallback
+from cdlm.shards import DEFAULT_SHARD_BYTES
 from cdlm.training import loop
-from cdlm.training.checkpoint import CHECKPOINTS, CONFIG_FILE, EMA_FILE, MODEL_FILE, latest_checkpoint
+from cdlm.training.checkpoint import CONFIG_FILE
 
 
 def build(config: RunConfig) -> Method:
@@ -89,130 +90,176 @@ def _train_one(
     method = build(config)
     _check_vocab(data.tokenizer, method, f"data.tokenizer={config.data.tokenizer!r}")
     if config.train.init_from is not None:
-        _load_weights(method, _checkpoint_dir(Path(config.train.init_from)), use_ema=False)
+        load_weights(method, read_source(config.train.init_from), use_ema=False)
     return loop.train(config, method, run_dir, data.rows, config_yaml=to_yaml(config), on_log=on_log)
-
-
-def _load_weights(method: Method, ckpt: Path, *, use_ema: bool) -> None:
-    """Load a checkpoint's model weights (EMA shadows on top when ``use_ema``) into ``method``, strictly."""
-    state = load_file(ckpt / MODEL_FILE)
-    if use_ema:
-        state.update(load_file(ckpt / EMA_FILE))
-    missing, unexpected = method.modules().load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{ckpt / MODEL_FILE}: {len(missing)} missing keys ({', '.join(missing[:4])}) and {len(unexpected)} "
-            f"unexpected keys ({', '.join(unexpected[:4])}); saved by another recipe? see {ckpt / CONFIG_FILE}"
-        )
 
 
 @dataclass
 class Pretrained:
-    """A trained method ready to sample: its config, the built method (eval mode) and its tokenizer."""
+    """A trained method ready to sample: its config, the built method (eval mode), tokenizer and provenance.
+
+    Attributes:
+        config: the run config the method was built from.
+        method: the built method, weights loaded, in eval mode.
+        tokenizer: its tokenizer.
+        checkpoint: the path it was read from (None for a recipe that loads released weights itself).
+        step: the training step of its weights, when known.
+        kind: where it came from: ``"cdlm"`` (run or checkpoint), ``"hf"`` (``save_pretrained``), a released
+            format's name, or ``"recipe"``.
+        weights: ``"ema"`` or ``"raw"``, the weights loaded.
+        metrics: the run's last logged training metrics, when known.
+    """
 
     config: RunConfig
     method: Method
     tokenizer: PreTrainedTokenizerBase
     checkpoint: Path | None
-
-
-def _checkpoint_dir(path: Path) -> Path:
-    """Resolve a run directory (its latest checkpoint; a staged run: its last trained stage) or a checkpoint."""
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such run or checkpoint directory; train one with `cdlm train -o {path}`")
-    if (path / CHECKPOINTS).is_dir():
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise CheckpointError(f"{path / CHECKPOINTS}: no checkpoint yet; train into {path} first")
-        return latest
-    if (path / MODEL_FILE).is_file():
-        return path
-    stages = [path / name for name in _stage_names(path)]
-    trained = [stage for stage in stages if latest_checkpoint(stage) is not None]
-    if trained:
-        return _checkpoint_dir(trained[-1])
-    if stages:
-        raise CheckpointError(f"{path}: no stage has a checkpoint yet ({', '.join(s.name for s in stages)})")
-    raise CheckpointError(
-        f"{path}: not a run directory (no {CHECKPOINTS}/) nor a checkpoint directory (no {MODEL_FILE})"
-    )
-
-
-def _stage_names(run_dir: Path) -> list[str]:
-    config = run_dir / CONFIG_FILE
-    if not config.is_file():
-        return []
-    raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-    return [stage["name"] for stage in raw.get("stages") or []]
+    step: int | None = None
+    kind: str = "cdlm"
+    weights: str = "ema"
+    metrics: dict[str, float] | None = None
 
 
 def load_pretrained(
     source: str | Path | RunConfig, *, overrides: Sequence[str] = (), device: str | torch.device | None = None
 ) -> Pretrained:
-    """Load a trained run, one of its checkpoints, or a recipe whose weights come from its own config.
+    """Load a trained model: a run, a checkpoint, a ``save_pretrained`` directory, a released checkpoint, a hub id.
 
     Args:
         source: a run directory (``cdlm train -o DIR``; a staged run gives its last trained stage), one of its
-            ``checkpoints/step-*`` directories, or a :class:`RunConfig` whose method loads released weights
-            itself (e.g. Cola's ``model.pretrained_dit``) and whose ``data.tokenizer`` is a pretrained tokenizer.
-        overrides: ``KEY=VALUE`` overrides of the recorded config (e.g. ``sample.steps=64``).
+            ``checkpoints/step-*`` directories, a :func:`save_pretrained` directory, a released checkpoint in a
+            layout an installed plugin reads (ELF's ``checkpoint_<N>`` file or its directory, Cola's
+            ``hf_models/`` tree), any of these as a Hugging Face hub id ``owner/name[@revision]``, or a
+            :class:`RunConfig` whose method loads released weights itself (e.g. Cola's ``model.pretrained_dit``).
+        overrides: ``KEY=VALUE`` overrides of the recorded or inferred config (e.g. ``sample.steps=64``,
+            ``sample.use_ema=false`` for the raw weights).
         device: where to put the model; default CUDA when available, else CPU.
 
     Returns:
         The config, the method in eval mode (EMA weights unless ``sample.use_ema`` is false) and the tokenizer.
 
     Raises:
-        CheckpointError: the path holds no checkpoint, or the weights do not fit the recorded config.
+        CheckpointError: nothing loadable at ``source``, or the weights do not fit the config.
     """
-    if isinstance(source, RunConfig):
-        if source.data.tokenizer == "bpe":
-            raise CheckpointError("a recipe without a checkpoint needs a pretrained data.tokenizer, not 'bpe'")
-        config, ckpt, tokenizer_dir = source, None, Path.cwd()
-        method = build(config)
-    else:
-        ckpt = _checkpoint_dir(Path(source))
-        config = load_recipe(ckpt / CONFIG_FILE, overrides)
-        method = build(config)
-        _load_weights(method, ckpt, use_ema=config.sample.use_ema)
-        run_dir = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt
-        tokenizer_dir = _tokenizer_dir(run_dir, config)
+    source_ = read_source(source, overrides)
+    config = source_.config
+    method = build(config)
+    use_ema = config.sample.use_ema and source_.ema is not None
+    load_weights(method, source_, use_ema=use_ema)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     method.modules().to(torch.device(device)).eval()
-    tokenizer = load_tokenizer(config.data, tokenizer_dir, texts=())
+    tokenizer = load_source_tokenizer(source_)
     _check_vocab(tokenizer, method, f"data.tokenizer={config.data.tokenizer!r}")
-    return Pretrained(config=config, method=method, tokenizer=tokenizer, checkpoint=ckpt)
+    return Pretrained(
+        config=config,
+        method=method,
+        tokenizer=tokenizer,
+        checkpoint=source_.path,
+        step=source_.step,
+        kind=source_.kind,
+        weights="ema" if use_ema else source_.weights_kind,
+        metrics=source_.metrics,
+    )
 
 
-def _tokenizer_dir(run_dir: Path, config: RunConfig) -> Path:
-    """Return where the run's trained BPE lives: the run directory, or a staged run's top directory."""
-    if config.data.tokenizer != "bpe":
-        return run_dir
-    for candidate in (run_dir, run_dir.parent):
-        if (candidate / TOKENIZER_FILE).is_file():
-            return candidate
-    raise CheckpointError(f"{run_dir / TOKENIZER_FILE}: missing; the run's trained tokenizer is needed to decode")
+from_pretrained = load_pretrained
+"""Alias of :func:`load_pretrained`, for the Hugging Face convention (``save_pretrained`` / ``from_pretrained``)."""
+
+
+def save_pretrained(model: Pretrained, directory: str | Path, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write a loaded model in the Hugging Face convention: config, safetensors (sharded), tokenizer, model card.
+
+    The weights written are the ones loaded (EMA or raw, recorded in ``config.json``); :func:`from_pretrained`
+    on the directory (or on a hub repository holding it) gives the same model and samples.
+
+    Returns:
+        ``directory``.
+    """
+    return export.save_pretrained(
+        directory,
+        config=model.config,
+        weights=model.method.modules().state_dict(),
+        tokenizer=model.tokenizer,
+        step=model.step,
+        weights_kind=model.weights,
+        metrics=model.metrics,
+        max_shard_bytes=max_shard_bytes,
+    )
+
+
+CONVERT_TARGETS = ("cdlm", "hf")
+"""``convert`` targets of the core; every installed plugin's released formats add theirs (``elf-official``, …)."""
+
+
+def convert(
+    source: str | Path | RunConfig, destination: str | Path, *, to: str = "cdlm", overrides: Sequence[str] = ()
+) -> Path:
+    """Convert a model between a cdlm checkpoint directory, the Hugging Face layout and released layouts.
+
+    Args:
+        source: anything :func:`load_pretrained` reads (run, checkpoint, ``save_pretrained`` or released
+            checkpoint, hub id, recipe with released weights).
+        destination: the directory to write into (created).
+        to: ``"cdlm"`` (a checkpoint directory with raw and EMA weights, for sampling and ``train.init_from``),
+            ``"hf"`` (:func:`save_pretrained`, the weights sampling uses) or a released format's name.
+        overrides: ``KEY=VALUE`` overrides of the source's config.
+
+    Returns:
+        The path to hand to :func:`load_pretrained` (a directory, or a released format's file).
+
+    Raises:
+        CheckpointError: unknown target, or a source that cannot be read.
+    """
+    src = read_source(source, overrides)
+    method = build(src.config)
+    load_weights(method, src, use_ema=False)
+    weights = {k: v.detach().cpu() for k, v in method.modules().state_dict().items()}
+    tokenizer = load_source_tokenizer(src)
+    destination = Path(destination)
+    if to == "cdlm":
+        return write_checkpoint_dir(destination, config=src.config, weights=weights, ema=src.ema, tokenizer=tokenizer)
+    if to == "hf":
+        use_ema = src.config.sample.use_ema and src.ema is not None
+        shipped = {**weights, **(src.ema if use_ema and src.ema is not None else {})}
+        return export.save_pretrained(
+            destination,
+            config=src.config,
+            weights=shipped,
+            tokenizer=tokenizer,
+            step=src.step,
+            weights_kind="ema" if use_ema else src.weights_kind,
+            metrics=src.metrics,
+        )
+    fmt = released_format(to)
+    return fmt.write(
+        destination, config=src.config, weights=weights, ema=src.ema, step=src.step or 0, tokenizer=tokenizer
+    )
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One generated sequence: its text, token ids and the prompt it continues (if any)."""
+    """One generated sequence: its text, token ids, the prompt it continues and that prompt's id (if any)."""
 
     text: str
     ids: list[int]
     prompt: str | None = None
+    id: int | str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """Return the JSONL record ``{"text", "prompt", "ids"}``."""
-        return {"text": self.text, "prompt": self.prompt, "ids": self.ids}
+        """Return the JSONL record ``{"id"?, "text", "prompt", "ids"}`` (``id`` only when the sample has one)."""
+        record = {"text": self.text, "prompt": self.prompt, "ids": self.ids}
+        return record if self.id is None else {"id": self.id, **record}
 
 
 def sample(
     checkpoint: str | Path | RunConfig | Pretrained,
     *,
     prompts: Sequence[str] | None = None,
+    sample_ids: Sequence[int | str | None] | None = None,
     overrides: Sequence[str] = (),
     on_step: StepCallback | None = None,
+    keep_special_tokens: bool = False,
 ) -> list[Sample]:
     """Generate text from a trained run.
 
@@ -221,14 +268,19 @@ def sample(
             (see :func:`load_pretrained`), or an already loaded :class:`Pretrained`.
         prompts: texts to condition on / continue (one sample each); None samples ``sample.num_samples``
             unconditionally.
+        sample_ids: one id per sample (e.g. a task row's ``id``). A method that seeds each sample's noise keys
+            it by this id (Cola with ``model.per_sample_noise_seed``), so a sample's output does not depend on
+            its position in the request; None keys by position, as the reference does without ids.
         overrides: ``KEY=VALUE`` overrides of the recorded config, e.g. ``sample.steps=64``.
         on_step: called after every solver step (progress, trajectories).
+        keep_special_tokens: decode special tokens (EOS, padding, chat markers) into the text, as the reference's
+            task outputs do; by default they are skipped.
 
     Returns:
         One :class:`Sample` per prompt, or ``sample.num_samples`` samples.
 
     Raises:
-        DataError: an empty prompt list or an empty prompt.
+        DataError: an empty prompt list or an empty prompt, or ``sample_ids`` not one per sample.
     """
     loaded = checkpoint if isinstance(checkpoint, Pretrained) else load_pretrained(checkpoint, overrides=overrides)
     settings = loaded.config.sample
@@ -242,12 +294,20 @@ def sample(
         if empty:
             raise DataError(f"prompts {empty[:8]}: empty after tokenisation; give non-empty text")
     num = settings.num_samples if prompt_ids is None else len(prompt_ids)
+    ids = None if sample_ids is None else list(sample_ids)
+    if ids is not None and len(ids) != num:
+        raise DataError(f"sample_ids: got {len(ids)} ids for {num} samples; give one id per prompt (or None)")
     generator = torch.Generator().manual_seed(settings.seed)
     device = next(loaded.method.modules().parameters()).device
     with autocast_context(device, loaded.config.train.precision):
-        out = loaded.method.pipeline(GenerateRequest(num, prompt_ids, settings), generator, on_step)
-    texts = tok.batch_decode(out.ids, skip_special_tokens=True)
+        out = loaded.method.pipeline(GenerateRequest(num, prompt_ids, settings, ids), generator, on_step)
+    texts = tok.batch_decode(out.ids, skip_special_tokens=not keep_special_tokens)
     return [
-        Sample(text=text, ids=ids, prompt=None if prompts is None else prompts[i])
-        for i, (text, ids) in enumerate(zip(texts, out.ids, strict=True))
+        Sample(
+            text=text,
+            ids=token_ids,
+            prompt=None if prompts is None else prompts[i],
+            id=None if ids is None else ids[i],
+        )
+        for i, (text, token_ids) in enumerate(zip(texts, out.ids, strict=True))
     ]

@@ -53,10 +53,11 @@ def test_bad_recipe_and_bad_override_exit_2_with_the_field(tmp_path: Path) -> No
 
 def test_missing_checkpoint_exits_2(tmp_path: Path) -> None:
     out = cdlm_cli("sample", "--checkpoint", str(tmp_path / "nowhere"))
-    assert out.returncode == 2 and "nowhere: no such run or checkpoint directory" in out.stderr
+    assert out.returncode == 2 and "nowhere: no such file or directory" in out.stderr
     (tmp_path / "empty").mkdir()
     out = cdlm_cli("sample", "--checkpoint", str(tmp_path / "empty"))
-    assert out.returncode == 2 and "not a run directory" in out.stderr
+    assert out.returncode == 2 and "empty: not a cdlm run or checkpoint directory" in out.stderr
+    assert "no released layout matches (cola-official, elf-official)" in out.stderr
 
 
 @pytest.mark.slow
@@ -106,4 +107,4 @@ def test_sample_from_a_recipe_that_loads_released_weights(tmp_path: Path) -> Non
     assert [r["ids"] for r in records] == [s.ids for s in api] and len(records) == 2
     assert [r["prompt"] for r in records] == ["The cat sat on", "Once upon a time there was a"]
     both = cdlm_cli("sample", "--recipe", str(recipe), "--checkpoint", str(tmp_path))
-    assert both.returncode == 2 and "exactly one of --checkpoint DIR" in both.stderr
+    assert both.returncode == 2 and "exactly one of --checkpoint PATH_OR_HUB_ID" in both.stderr

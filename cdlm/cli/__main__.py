@@ -8,18 +8,19 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from cdlm.cli import recipes, sample, train
+from cdlm.cli import convert, recipes, sample, train
 from cdlm.errors import CdlmError
 
 app = typer.Typer(
     name="cdlm",
-    help="Continuous diffusion language models (ELF, Cola DLM): train, sample, inspect recipes.",
+    help="Continuous diffusion language models (ELF, Cola DLM): train, sample, convert, inspect recipes.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
 app.command("train")(train.train)
 app.command("sample")(sample.sample)
+app.command("convert")(convert.convert)
 app.add_typer(recipes.app, name="recipes")
 
 

@@ -13,26 +13,41 @@ from cdlm.cli import progress
 from cdlm.errors import DataError
 
 
-def _read_prompts(prompt: list[str] | None, prompts_file: Path | None) -> list[str] | None:
+def _read_prompts(
+    prompt: list[str] | None, prompts_file: Path | None
+) -> tuple[list[str] | None, list[int | str | None] | None]:
+    """Return the prompts (``--prompt`` first, then the file's) and their ids (None when no line has an ``id``)."""
     if prompts_file is None:
-        return prompt or None
+        return prompt or None, None
     if not prompts_file.is_file():
         raise DataError(f"--prompts-file {prompts_file}: no such file")
     texts = list(prompt or [])
+    ids: list[int | str | None] = [None] * len(texts)
     for number, line in enumerate(prompts_file.read_text().splitlines(), 1):
         if line.strip():
             try:
-                texts.append(json.loads(line)["prompt"])
+                record = json.loads(line)
+                texts.append(record["prompt"])
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise DataError(f'{prompts_file}:{number}: expected a JSON object with a "prompt" string') from None
+            sample_id = record.get("id")
+            if sample_id is not None and (isinstance(sample_id, bool) or not isinstance(sample_id, int | str)):
+                raise DataError(f'{prompts_file}:{number}: "id" must be an integer or a string, got {sample_id!r}')
+            ids.append(sample_id)
     if not texts:
         raise DataError(f"--prompts-file {prompts_file}: no prompts in the file")
-    return texts
+    return texts, ids if any(i is not None for i in ids) else None
 
 
 def sample(
     checkpoint: Annotated[
-        Path | None, typer.Option("--checkpoint", "-c", help="run directory or checkpoint directory")
+        str | None,
+        typer.Option(
+            "--checkpoint",
+            "-c",
+            help="run or checkpoint directory, save_pretrained directory, released checkpoint "
+            "(ELF checkpoint_<N>, Cola hf_models/), or a Hugging Face hub id owner/name[@revision]",
+        ),
     ] = None,
     recipe: Annotated[
         str | None, typer.Option("--recipe", "-r", help="instead of a checkpoint: a recipe that loads released weights")
@@ -43,12 +58,21 @@ def sample(
     cfg: Annotated[float | None, typer.Option("--cfg", "--guidance", help="classifier-free guidance scale")] = None,
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
     prompt: Annotated[list[str] | None, typer.Option(help="prompt to continue / condition on, repeatable")] = None,
-    prompts_file: Annotated[Path | None, typer.Option(help='JSONL file of {"prompt": ...} objects')] = None,
+    prompts_file: Annotated[
+        Path | None,
+        typer.Option(help='JSONL file of {"prompt": ..., "id": ...} objects; an id keys the sample\'s noise seed'),
+    ] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="tokens to generate per prompt")] = None,
     temperature: Annotated[float | None, typer.Option(help="0 = argmax")] = None,
     top_k: Annotated[int | None, typer.Option(help="top-k filtering, 0 = off")] = None,
     top_p: Annotated[float | None, typer.Option(help="nucleus filtering, 1 = off")] = None,
     repetition_penalty: Annotated[float | None, typer.Option(help="1 = off")] = None,
+    ema: Annotated[
+        bool | None, typer.Option("--ema/--raw-weights", help="sample with the EMA weights (default) or the raw ones")
+    ] = None,
+    keep_special_tokens: Annotated[
+        bool, typer.Option(help="keep special tokens (EOS, padding, chat markers) in the text, as task outputs do")
+    ] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE override of the run config")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="write JSONL here instead of text")] = None,
 ) -> None:
@@ -65,14 +89,24 @@ def sample(
         "top_k": top_k,
         "top_p": top_p,
         "repetition_penalty": repetition_penalty,
+        "use_ema": ema,
     }
     overrides = [*(set_ or []), *(f"sample.{key}={value}" for key, value in sugar.items() if value is not None)]
-    prompts = _read_prompts(prompt, prompts_file)
+    prompts, sample_ids = _read_prompts(prompt, prompts_file)
     if (checkpoint is None) == (recipe is None):
-        raise DataError("give exactly one of --checkpoint DIR (a trained run) or --recipe NAME (released weights)")
+        raise DataError(
+            "give exactly one of --checkpoint PATH_OR_HUB_ID (a trained model) or --recipe NAME (released weights)"
+        )
     source = checkpoint if recipe is None else cdlm.load_recipe(recipe, overrides)
     with progress.sampling() as on_step:
-        samples = cdlm.sample(source, prompts=prompts, overrides=overrides, on_step=on_step)
+        samples = cdlm.sample(
+            source,
+            prompts=prompts,
+            sample_ids=sample_ids,
+            overrides=overrides,
+            on_step=on_step,
+            keep_special_tokens=keep_special_tokens,
+        )
     if output is None:
         typer.echo("\n\n".join(s.text for s in samples))
         return

@@ -36,6 +36,7 @@ from cdlm_cola.config import ColaConfig, ColaDitConfig, ColaVaeConfig, read_dit_
 from cdlm_cola.dit import ColaDiT
 from cdlm_cola.generate import ColaPipeline
 from cdlm_cola.objective import ColaObjective
+from cdlm_cola.released import ColaOfficialRelease
 from cdlm_cola.schedule import ColaSchedule
 from cdlm_cola.state_dict import load_pretrained_dit, load_pretrained_vae
 from cdlm_cola.vae import ColaTextVAE
@@ -155,4 +156,5 @@ spec = MethodSpec(
     description="Cola DLM: a text VAE and a block-causal flow-matching DiT prior over its latents",
     config_cls=ColaConfig,
     build=build,
+    released_formats=(ColaOfficialRelease(),),
 )

@@ -12,14 +12,18 @@ its keys rotated, made once; timestep embedding and AdaLN once per distinct time
 ``ColaPipeline(cfg_batching="two_pass", planning="per_call")`` is the reference's way, the benchmark baseline.
 
 Random draws, in order, per batch: each block's noise, then its token draws (temperature > 0). With
-``model.per_sample_noise_seed`` S, row r's block k noise comes from its own generator seeded
-``S + r·1000 + k·10_000_000`` (r counts rows across the whole request), created on ``generator``'s device;
-otherwise every draw comes from ``generator`` in the reference's global-RNG order.
+``model.per_sample_noise_seed`` S, the block-k noise of a sample with id ``sid`` comes from its own generator
+seeded ``S + sid·1000 + k·10_000_000``, created on ``generator``'s device (spec §6.1 step 7.1). ``sid`` is the
+sample's id (``GenerateRequest.sample_ids``, the ``id`` field of a prompts file) as ``int(id)``, or
+``crc32(str(id))`` when it is not a number; a sample without an id falls back to its row in its batch of
+``sample.batch_size``, as the reference does. With ids a sample's output does not depend on its batch.
+Otherwise every draw comes from ``generator`` in the reference's global-RNG order.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -168,12 +172,12 @@ class ColaPipeline(Pipeline):
         """
         settings: SampleConfig = request.settings
         prompts = self._check(request)
+        sample_ids = request.sample_ids or [None] * len(prompts)
         ids: list[list[int]] = []
         nfe = 0
         for start in range(0, len(prompts), settings.batch_size):
-            batch_ids, batch_nfe = self._generate(
-                prompts[start : start + settings.batch_size], start, settings, generator, on_step
-            )
+            rows = slice(start, start + settings.batch_size)
+            batch_ids, batch_nfe = self._generate(prompts[rows], sample_ids[rows], settings, generator, on_step)
             ids.extend(batch_ids)
             nfe += batch_nfe
         return GenerateOutput(ids=ids, nfe=nfe)
@@ -214,7 +218,7 @@ class ColaPipeline(Pipeline):
     def _generate(
         self,
         prompts: list[list[int]],
-        first_row: int,
+        sample_ids: Sequence[int | str | None],
         settings: SampleConfig,
         generator: torch.Generator,
         on_step: StepCallback | None,
@@ -242,7 +246,7 @@ class ColaPipeline(Pipeline):
                 else:
                     cond = ColaCond.from_history(history, pinned, clean)
                 scale = self._scale(settings.cfg, cached if step == 0 else None)
-                noise = self._noise(len(prompts), first_row, step, generator)  # (B, bs, C)
+                noise = self._noise(sample_ids, step, generator)  # (B, bs, C)
                 z, block_ids, block_nfe = self._block(cond, scale, noise, tokens, settings, generator, on_step)
                 tokens = torch.cat([tokens, block_ids], dim=1)
                 done |= torch.isin(block_ids, stops).any(dim=1)
@@ -305,26 +309,31 @@ class ColaPipeline(Pipeline):
             return scales[0]
         return torch.tensor(scales, dtype=torch.float32, device=self._device())  # (B,)
 
-    def _noise(self, rows: int, first_row: int, step: int, generator: torch.Generator) -> Tensor:
+    def _noise(self, sample_ids: Sequence[int | str | None], step: int, generator: torch.Generator) -> Tensor:
         """Draw the block noise (B, bs, C) fp32 on the generator's device, then move it (spec §6.1 step 7.1)."""
         shape = (self.block_size, self.vae_cfg.latent_dim)
         seed = self.cfg.per_sample_noise_seed
         if seed is None:
-            eps = torch.randn((rows, *shape), generator=generator, device=generator.device)
+            eps = torch.randn((len(sample_ids), *shape), generator=generator, device=generator.device)
         else:
             eps = torch.stack(
                 [
                     torch.randn(
                         shape,
-                        generator=_seeded(seed + r * 1_000 + step * 10_000_000, generator.device),
+                        generator=_seeded(seed + noise_key(sid, row) * 1_000 + step * 10_000_000, generator.device),
                         device=generator.device,
                     )
-                    for r in range(first_row, first_row + rows)
+                    for row, sid in enumerate(sample_ids)
                 ]
             )
         return eps.to(self._device())
 
     def _check(self, request: GenerateRequest) -> list[list[int]]:
+        if request.sample_ids is not None and len(request.sample_ids) != request.num_samples:
+            raise DataError(
+                f"Cola generation: got {len(request.sample_ids)} sample ids for num_samples={request.num_samples}; "
+                "expected one each"
+            )
         if request.prompts is None:
             return [[] for _ in range(request.num_samples)]
         prompts = [list(p) for p in request.prompts]
@@ -355,6 +364,16 @@ class ColaPipeline(Pipeline):
 
     def _device(self) -> torch.device:
         return next(self.denoiser.dit.parameters()).device
+
+
+def noise_key(sample_id: int | str | None, row: int) -> int:
+    """Return the reference's per-sample seed key: ``int(id)``, ``crc32(str(id))`` if not a number, else ``row``."""
+    if sample_id is None:
+        return row
+    try:
+        return int(sample_id)
+    except (TypeError, ValueError):
+        return zlib.crc32(str(sample_id).encode("utf-8")) & 0xFFFFFFFF
 
 
 def _seeded(seed: int, device: torch.device) -> torch.Generator:

@@ -1,10 +1,11 @@
 """Official Cola checkpoint directories ↔ :class:`ColaDiT` / :class:`ColaTextVAE` (Cola spec §1.1, §2.1, §3.1).
 
 A directory holds ``config.json`` and either ``model.safetensors`` or a sharded ``model.safetensors.index.json``
-(the release DiT has two shards). Our parameter names are the official ones, so the key mapping is the identity
-except for the DiT's deterministic ``blocks.{i}.msa.rope.rope.freqs`` buffers: accepted present or absent on
-load (and checked when present), written back on save so the reference loads our files with no missing key.
-Loading is strict: any missing, unexpected or mis-shaped key is a :class:`CheckpointError`.
+(the release DiT has two shards; saving shards above Hugging Face's 5 GB default, as the release did). Our
+parameter names are the official ones, so the key mapping is the identity except for the DiT's deterministic
+``blocks.{i}.msa.rope.rope.freqs`` buffers: accepted present or absent on load (and checked when present),
+written back on save so the reference loads our files with no missing key. Loading is strict: any missing,
+unexpected or mis-shaped key is a :class:`CheckpointError`.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from cdlm.errors import CheckpointError
+from cdlm.shards import DEFAULT_SHARD_BYTES, write_weights
 from cdlm.training.checkpoint import read_state_dict
 from cdlm_cola.config import ColaDitConfig, ColaVaeConfig, read_dit_config, read_vae_config
 from cdlm_cola.dit import ROPE_THETA, ColaDiT
@@ -125,20 +126,34 @@ def load_pretrained_vae(directory: str | Path) -> ColaTextVAE:
     return _load_strict(model, read_state_dict(directory), directory).eval()
 
 
-def _save(sd: Mapping[str, Tensor], config: ColaDitConfig | ColaVaeConfig, directory: str | Path) -> None:
+def save_official(
+    sd: Mapping[str, Tensor],
+    config: ColaDitConfig | ColaVaeConfig,
+    directory: str | Path,
+    *,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> None:
+    """Write ``config.json`` and the weights (fp32) of an official-layout directory.
+
+    Args:
+        sd: official keys (a DiT's already through :func:`dit_to_official`); tensors on any device and dtype.
+        config: the network's config, written with the HF bookkeeping keys and ``torch_dtype`` float32.
+        directory: created if missing; earlier weight files there are replaced.
+        max_shard_bytes: above it the weights are shards plus ``model.safetensors.index.json``.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     hf_config = {**config.to_hf_dict(), "torch_dtype": "float32"}
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    tensors = {k: v.detach().to("cpu", torch.float32) for k, v in sd.items()}
+    write_weights(directory, tensors, max_shard_bytes=max_shard_bytes)
 
 
 def save_pretrained_dit(model: ColaDiT, directory: str | Path) -> None:
-    """Write ``config.json`` and ``model.safetensors`` (fp32, official keys incl. ``rope.freqs``) to ``directory``."""
-    _save(dit_to_official(model.state_dict(), model.config), model.config, directory)
+    """Write ``config.json`` and the weights (fp32, official keys incl. ``rope.freqs``, sharded above 5 GB)."""
+    save_official(dit_to_official(model.state_dict(), model.config), model.config, directory)
 
 
 def save_pretrained_vae(model: ColaTextVAE, directory: str | Path) -> None:
-    """Write ``config.json`` and ``model.safetensors`` (fp32, official keys) to ``directory``."""
-    _save(model.state_dict(), model.config, directory)
+    """Write ``config.json`` and the weights (fp32, official keys, sharded above 5 GB) to ``directory``."""
+    save_official(model.state_dict(), model.config, directory)

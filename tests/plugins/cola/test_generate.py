@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from cdlm.interfaces import GenerateOutput, GenerateRequest
 from cdlm.sampling.types import StepInfo
 from cdlm_cola.config import ColaConfig, ColaDitConfig, ColaVaeConfig
 from cdlm_cola.dit import ColaDiT
-from cdlm_cola.generate import CfgBatching, ColaPipeline, History, Planning
+from cdlm_cola.generate import CfgBatching, ColaPipeline, History, Planning, noise_key
 from cdlm_cola.state_dict import load_pretrained_dit, load_pretrained_vae
 from cdlm_cola.vae import ColaTextVAE
 from conftest import shared_path
@@ -80,7 +81,10 @@ def settings(**overrides: Any) -> SampleConfig:
 
 
 def generate(
-    pipe: ColaPipeline, prompts: list[list[int]] | None, sample: SampleConfig
+    pipe: ColaPipeline,
+    prompts: list[list[int]] | None,
+    sample: SampleConfig,
+    sample_ids: list[int | str | None] | None = None,
 ) -> tuple[GenerateOutput, list[Tensor]]:
     """Run the pipeline with the global-RNG-equivalent generator; return its output and each block's final z."""
     blocks: list[Tensor] = []
@@ -90,7 +94,7 @@ def generate(
             blocks.append(info.z)
 
     n = len(prompts) if prompts is not None else sample.num_samples
-    out = pipe(GenerateRequest(n, prompts, sample), torch.Generator().manual_seed(0), on_step)
+    out = pipe(GenerateRequest(n, prompts, sample, sample_ids), torch.Generator().manual_seed(0), on_step)
     return out, blocks
 
 
@@ -175,10 +179,33 @@ def test_generation_stops_when_every_row_emitted_eos(
     assert [len(ids) for ids in out.ids] == [6, 8, 6]
 
 
-def test_per_sample_noise_is_batch_invariant(nets: Any, prompts: list[list[int]]) -> None:
-    together, _ = generate(pipeline(nets, 66), prompts, settings(**GREEDY))
-    alone, _ = generate(pipeline(nets, 66), prompts, settings(**GREEDY, batch_size=1))
-    assert alone.ids == together.ids  # row r seeds 66 + r·1000 + block·1e7 whatever the batching
+def test_per_sample_noise_is_keyed_by_sample_id(nets: Any, prompts: list[list[int]]) -> None:
+    ids: list[int | str | None] = [7, "q-12", 3]  # "q-12" is not a number: keyed by its crc32, as the reference
+    together, z = generate(pipeline(nets, 66), prompts, settings(**GREEDY), ids)
+    alone, z_alone = generate(pipeline(nets, 66), prompts, settings(**GREEDY, batch_size=1), ids)
+    assert alone.ids == together.ids
+    flipped, z_flipped = generate(pipeline(nets, 66), prompts[::-1], settings(**GREEDY), ids[::-1])
+    assert flipped.ids == together.ids[::-1]
+    # same first-block latents wherever the sample sits; another batch shape rounds differently, and 16 Euler
+    # steps at CFG 7 grow that to ~2e-6, so compare at the fixture tolerance
+    torch.testing.assert_close(z[0][0], z_alone[0][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(z[0][0], z_flipped[0][2], atol=1e-5, rtol=0)
+
+
+def test_per_sample_noise_without_ids_falls_back_to_the_row_in_its_batch(
+    nets: Any, prompts: list[list[int]]
+) -> None:
+    # the reference keys a sample without an id by its row in the batch it was generated in (spec §6.1 step 7.1)
+    _, z_alone = generate(pipeline(nets, 66), prompts[1:2], settings(**GREEDY))
+    _, z_second = generate(pipeline(nets, 66), prompts, settings(**GREEDY), [None, None, None])
+    _, z_keyed = generate(pipeline(nets, 66), prompts, settings(**GREEDY), [None, 0, None])
+    assert (z_alone[0][0] - z_second[0][1]).abs().max() > 0.1  # row 1 of a batch: key 1, not 0
+    torch.testing.assert_close(z_alone[0][0], z_keyed[0][1], atol=1e-5, rtol=0)
+
+
+def test_noise_key_follows_the_reference() -> None:
+    assert [noise_key(5, 9), noise_key("12", 9), noise_key(None, 9)] == [5, 12, 9]
+    assert noise_key("q-12", 0) == zlib.crc32(b"q-12")
 
 
 def test_one_block_rule_and_unconditional_rows(nets: Any, prompts: list[list[int]]) -> None:
@@ -194,6 +221,7 @@ def test_one_block_rule_and_unconditional_rows(nets: Any, prompts: list[list[int
     [
         ([], {}, "prompt list is empty"),
         ([[5], [6]], {}, "got 2 prompts for num_samples=3"),
+        ([[5], [6], [7]], {"ids": [1, 2]}, "got 2 sample ids for num_samples=3"),
         ([[5], [320, 7], [1]], {}, r"prompt 1 has token ids \[320\] outside \[0, 320\)"),
         ([[5], [6], [7]], {"grid": "logit_normal"}, "sample.grid='logit_normal'"),
     ],
@@ -201,8 +229,9 @@ def test_one_block_rule_and_unconditional_rows(nets: Any, prompts: list[list[int
 def test_invalid_requests_are_data_errors(
     nets: Any, prompts: list[list[int]], overrides: dict[str, Any], match: str
 ) -> None:
+    ids = overrides.pop("ids", None)
     with pytest.raises(DataError, match=match):
-        pipeline(nets)(GenerateRequest(3, prompts, settings(**overrides)), torch.Generator())
+        pipeline(nets)(GenerateRequest(3, prompts, settings(**overrides), ids), torch.Generator())
 
 
 def test_invalid_pipeline_options_are_data_errors(nets: Any) -> None:
