@@ -223,6 +223,12 @@ class ColaConfig(Section):
     boundary_mode: Literal["token", "block"] = Field(
         "token", description="how a prompt latent after a response latent of its block is hidden (spec §9.2)"
     )
+    padding_loss: Literal["masked", "trained"] = Field(
+        "masked",
+        description="flow-matching loss on padding latents (spec §9.2): masked, as cola_pretrain.py and "
+        "cola_sft.py do; trained, as cola_cpt.py does (its loss mask is all ones: the pad_id padding of a row to a "
+        "block multiple and the data's fill are noised and trained like real latents)",
+    )
     # loss weights (spec §9.1; the paper's values are not public: documented defaults)
     recon_weight: NonNegativeFloat = 1.0
     kl_weight: NonNegativeFloat = 1e-3

@@ -19,14 +19,17 @@ The paper's training code is not public, so where it is silent these choices hol
   (``vae_mode: sample``) or the mean (``mode``). In Stage 2 gradients reach the encoder through the noisy copy
   and the target ``z_1 − z_0``; the clean history half is detached, ``sg(z_0^(<b))``.
 * Rows are padded with ``pad_id`` to a multiple of ``patch_size·bs_i`` (bs_i the sample's drawn block size), as
-  the scripts pad with their stop token; padding and other ``batch.mask == False`` positions are never trained.
+  the scripts pad with their stop token. Padding latents (no real token: the block padding and the data's fill,
+  ``batch.mask == False``) are noised like the rest but by default never trained, as in ``cola_pretrain.py``;
+  ``padding_loss: trained`` trains them in ``L_FM``, as ``cola_cpt.py`` does (its loss mask is all ones, spec
+  §9.2). The VAE terms always average over real tokens only.
   ``batch.cond_mask`` marks prompt latents for ``loss_mode: sft`` (responses are the rest, padding included).
 
 Every random draw of a step is made by :meth:`ColaObjective.draw` from the step's generator and held in
 :class:`ColaDraws`, so a recorded step (the reference's torch and Python ``random`` draws alike) can be replayed
-through :meth:`ColaObjective.loss`. Training times are drawn by :meth:`ColaSchedule.sample_t` and converted
-once by :func:`~cdlm_cola.schedule.to_cola_time`; the flow-matching maths then stays in Cola's time τ (1 = noise),
-see :mod:`cdlm_cola.objective_flow` for why.
+through :meth:`ColaObjective.loss`. Training times are drawn in Cola's own time τ (1 = noise) by
+:meth:`ColaSchedule.sample_tau`, bit for bit the scripts' ``sample_timestep``, and the flow-matching maths stays
+in τ: no value goes through core time and back (see :mod:`cdlm_cola.objective_flow` for why).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from cdlm_cola.config import ColaConfig
 from cdlm_cola.dit import ColaDiT
 from cdlm_cola.objective_flow import role_states, sample_groups, two_layout, with_prompt_blocks
 from cdlm_cola.objective_vae import kl_between, kl_to_standard_normal, mask_tokens, masked_mean, neg_entropy
-from cdlm_cola.schedule import ColaSchedule, to_cola_time
+from cdlm_cola.schedule import ColaSchedule
 from cdlm_cola.vae import ColaTextVAE, Posterior, VaeEncoding, posterior
 
 SAMPLES_PER_CALL = 4
@@ -57,7 +60,7 @@ class FlowDraws:
 
     Attributes:
         block_index: (B,) int64 index into the training block sizes (drawn first: it fixes the shapes below).
-        tau: (B,) Cola times τ (1 noise, 0 data): ``to_cola_time`` of :meth:`ColaSchedule.sample_t`'s core times.
+        tau: (B,) Cola times τ (1 noise, 0 data), as :meth:`ColaSchedule.sample_tau` draws them (no round trip).
         z1: per sample (n_i, d) N(0, 1) noise.
         prompt_use: per sample (n_i / bs_i,) U[0, 1) prompt-block draws, or None when ``prompt_block_prob`` is 0.
         prompt_split: per sample (n_i / bs_i,) int64 clean-prefix lengths, uniform on ``[1, bs_i − 1]``.
@@ -188,7 +191,7 @@ class ColaObjective(Objective):
         mask_eps = [randn(n // ps, d) for n in lens] if self.masking else None
         if index is None:
             return ColaDraws(None, posterior_eps, mask_u, mask_eps)
-        tau = to_cola_time(self.schedule.sample_t(B, gen)).to(device)
+        tau = self.schedule.sample_tau(B, gen).to(device)
         z1 = [randn(n // ps, d) for n in lens]
         blocks = [n // (ps * bs) for n, bs in zip(lens, sizes, strict=True)]
         use = [rand(nb) for nb in blocks] if cfg.prompt_block_prob > 0 else None
@@ -309,7 +312,8 @@ class ColaObjective(Objective):
             if flow.prompt_use is not None and flow.prompt_split is not None:
                 s = with_prompt_blocks(s, bs, flow.prompt_use[i], flow.prompt_split[i], cfg.prompt_block_prob)
             states.append(s)
-        batch = two_layout(z0, flow.z1, flow.tau, states, valid, sizes, cfg.time_scale)
+        trained = valid if cfg.padding_loss == "masked" else [torch.ones_like(v) for v in valid]  # cola_cpt.py
+        batch = two_layout(z0, flow.z1, flow.tau, states, trained, sizes, cfg.time_scale)
         return batch.loss(batch.run(self.dit, SAMPLES_PER_CALL))
 
 

@@ -15,9 +15,9 @@ Each latent of the noisy copy is in one of three states, decided per block befor
 
 This module is Cola's own training maths and keeps Cola's time τ (1 = noise, the convention of the DiT and of
 the scripts): ``z_t = (1 − τ)·z_0 + τ·z_1``, DiT timestep ``time_scale·τ``, target ``z_1 − z_0``. Its callers
-get τ from :func:`cdlm_cola.schedule.to_cola_time`. Going through core time instead would compute
-``1 − (1 − τ)``, which can round τ's last bit: one fp32 ulp of a timestep near 1000 moves the DiT output by up to
-1e-5, the parity tolerance of the fixtures.
+get τ as drawn, in Cola time, from :meth:`cdlm_cola.schedule.ColaSchedule.sample_tau`. Going through core time
+instead would compute ``1 − (1 − τ)``, which drops the low bits of every τ < 0.5 (up to 3e-8, i.e. 3e-5 on the
+DiT's 0..1000 timestep): the noisy latents and the DiT input would no longer be the scripts' at the same draws.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class TwoLayout:
         seq_lens: n per sample.
         block_sizes: the block size of each sample's 2L mask.
         target: (Σn, C) Cola velocity ``z_1 − z_0`` of the noisy halves.
-        loss_mask: (Σn,) fp32, 1 on NOISY latents that are real (not padding).
+        loss_mask: (Σn,) fp32, 1 on NOISY latents marked trainable (by default not padding; spec §9.2).
     """
 
     txt: Tensor
@@ -185,7 +185,8 @@ def two_layout(
         z1: per sample (n_i, C) standard-normal noise.
         tau: (B,) Cola times τ (1 noise, 0 data), one per sample.
         states: per sample (n_i,) int64 latent states (:data:`CLEAN`, :data:`NOISY`, :data:`HIDDEN`).
-        valid: per sample (n_i,) bool, False on padding (never trained).
+        valid: per sample (n_i,) bool, False on latents kept out of the loss: padding, unless the objective
+            trains it (``padding_loss: trained``, ``cola_cpt.py``'s all-ones loss mask).
         block_sizes: per-sample block size of the 2L mask.
         time_scale: T, the DiT reads ``T·τ`` (spec §5).
 

@@ -6,7 +6,8 @@ Cola (spec §5) runs time the other way: ``z_t = (1 − τ)·z_0 + τ·z_1`` wit
     τ = 1 − t,        v_core = −v_cola,        DiT timestep = time_scale · τ.
 
 Nothing else in the plugin converts: callers hand core times to :meth:`ColaSchedule.model_time` and raw DiT
-outputs to :meth:`ColaSchedule.predict`.
+outputs to :meth:`ColaSchedule.predict`. Cola's own training maths takes τ straight from
+:meth:`ColaSchedule.sample_tau`, never through core time: ``1 − (1 − τ)`` drops the low bits of every τ < 0.5.
 """
 
 from __future__ import annotations
@@ -44,11 +45,27 @@ class ColaSchedule(FlowSchedule):
         """Return the DiT's timestep input ``time_scale·(1 − t)`` (0..1000, 1000 = noise) for core times t."""
         return self.cfg.time_scale * to_cola_time(t.float())
 
-    def sample_t(self, n: int, generator: torch.Generator) -> Tensor:
-        """Draw ``n`` training times, returned in core time (spec §5, §9.2).
+    def sample_tau(self, n: int, generator: torch.Generator) -> Tensor:
+        """Draw ``n`` training times in Cola's own time τ (1 = noise), bit for bit as the scripts do (spec §5, §9.2).
 
-        Cola time is drawn as the released scripts do, ``τ = sigmoid(t_loc + t_scale·N(0, 1))`` (logit-normal;
-        ``t_loc = 1`` biases toward noise) or ``τ ~ U[0, 1)``, then converted: ``t = 1 − τ``.
+        The scripts' ``sample_timestep``: one fp32 draw of ``n`` numbers, ``r ~ N(0, 1)`` then
+        ``τ = sigmoid(t_loc + t_scale·r)`` (logit-normal; ``t_loc = 1`` biases toward noise), or ``τ ~ U[0, 1)``.
+        The DiT reads ``time_scale·τ`` of exactly these values.
+
+        Args:
+            n: number of times.
+            generator: the generator of every draw.
+
+        Returns:
+            (n,) fp32 Cola times on the generator's device.
+        """
+        if self.cfg.time_distribution == "logit_normal":
+            # randn(n) then sigmoid(r·scale + loc): IEEE + and × commute, so this is sigmoid(loc + scale·r)
+            return logit_normal_times(n, generator, self.cfg.t_loc, self.cfg.t_scale)
+        return torch.rand(n, generator=generator, dtype=torch.float32, device=generator.device)
+
+    def sample_t(self, n: int, generator: torch.Generator) -> Tensor:
+        """Draw ``n`` training times in core time: ``1 − τ`` of :meth:`sample_tau`'s draw (same generator use).
 
         Args:
             n: number of times.
@@ -57,11 +74,7 @@ class ColaSchedule(FlowSchedule):
         Returns:
             (n,) fp32 core times on the generator's device.
         """
-        if self.cfg.time_distribution == "logit_normal":
-            tau = logit_normal_times(n, generator, self.cfg.t_loc, self.cfg.t_scale)
-        else:
-            tau = torch.rand(n, generator=generator, dtype=torch.float32, device=generator.device)
-        return to_core_time(tau)
+        return to_core_time(self.sample_tau(n, generator))
 
     def interpolate(self, x: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """Return ``z_t = t·x + (1 − t)·ε`` (Cola's ``(1 − τ)·z_0 + τ·z_1``) for x, eps (B, N, C), t (B,)."""

@@ -15,6 +15,7 @@ from cdlm_elf.embedder import T5Embedder
 from cdlm_elf.model import ElfDecoder, ElfDenoiser, ElfTransformer
 from cdlm_elf.objective import ElfObjective
 from cdlm_elf.pipeline import ElfPipeline
+from cdlm_elf.released import ElfOfficialCheckpoint
 from cdlm_elf.schedule import ElfSchedule
 from cdlm_elf.state_dict import ElfStateDictAdapter
 
@@ -44,4 +45,5 @@ spec = MethodSpec(
     config_cls=ElfConfig,
     build=build,
     state_dict_adapters={"lillian039/ELF": ElfStateDictAdapter},
+    released_formats=(ElfOfficialCheckpoint(),),
 )
