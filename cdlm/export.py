@@ -10,7 +10,8 @@ read, from a directory or a hub id)::
     DIR/README.md                        the model card: method, recipe, training steps, last metrics
 
 A cdlm checkpoint directory (``--to cdlm``) is what a training checkpoint holds for sampling and
-``train.init_from``: ``config.yaml``, ``model.safetensors`` (raw weights), ``ema.safetensors`` and the tokenizer.
+``train.init_from``: ``config.yaml``, ``model.safetensors`` (raw weights), ``ema.safetensors``, the tokenizer and
+``provenance.json`` (the training step and where the weights came from).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from cdlm.training.checkpoint import CONFIG_FILE, EMA_FILE, MODEL_FILE, read_sta
 
 HF_CONFIG = "config.json"
 CARD_FILE = "README.md"
+PROVENANCE_FILE = "provenance.json"
 FORMAT_VERSION = 1
 
 
@@ -138,10 +140,13 @@ def write_checkpoint_dir(
     weights: Mapping[str, Tensor],
     ema: Mapping[str, Tensor] | None,
     tokenizer: PreTrainedTokenizerBase,
+    step: int | None,
+    source: str,
 ) -> Path:
     """Write a cdlm checkpoint directory for sampling and ``train.init_from`` (see the module docstring).
 
-    ``ema`` None writes an empty ``ema.safetensors``: sampling with EMA then uses the raw weights.
+    ``ema`` None writes an empty ``ema.safetensors``: sampling with EMA then uses the raw weights. ``step`` and
+    ``source`` (what was converted) go to ``provenance.json``.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -149,6 +154,8 @@ def write_checkpoint_dir(
     save_file(saveable(ema if ema is not None else {}), directory / EMA_FILE)
     (directory / CONFIG_FILE).write_text(to_yaml(config), encoding="utf-8")
     tokenizer.save_pretrained(str(directory))
+    provenance = {"step": step, "source": source}
+    (directory / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     return directory
 
 

@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from cdlm.config import RunConfig
 from cdlm.data.tokenize import TOKENIZER_FILE, load_tokenizer
 from cdlm.errors import CheckpointError, DataError
-from cdlm.export import is_pretrained_dir, read_card_metrics, read_pretrained_dir
+from cdlm.export import PROVENANCE_FILE, is_pretrained_dir, read_card_metrics, read_pretrained_dir
 from cdlm.hub import resolve_source
 from cdlm.interfaces import Method, ReleasedFormat
 from cdlm.recipes import load_recipe, with_overrides
@@ -102,8 +102,10 @@ def _read_cdlm(ckpt: Path, overrides: Sequence[str]) -> Source:
     has_ema = config.sample.use_ema or (ckpt / EMA_FILE).is_file()
     ema = _load_safetensors(ckpt / EMA_FILE) if has_ema else None
     run_dir = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt
-    state = ckpt / "trainer_state.json"
-    step = json.loads(state.read_text(encoding="utf-8")).get("step") if state.is_file() else None
+    step = None
+    for record in (ckpt / "trainer_state.json", ckpt / PROVENANCE_FILE):  # a training checkpoint, a converted one
+        if record.is_file():
+            step = json.loads(record.read_text(encoding="utf-8")).get("step")
     return Source(config, weights, ema, step, ckpt, "cdlm", _tokenizer_dir(run_dir, config), read_card_metrics(run_dir))
 
 

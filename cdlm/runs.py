@@ -18,7 +18,7 @@ from cdlm.export import write_checkpoint_dir
 from cdlm.interfaces import GenerateRequest, Method
 from cdlm.loading import load_source_tokenizer, load_weights, read_source, released_format
 from cdlm.precision import autocast_context
-from cdlm.recipes import stage_config, to_yaml
+from cdlm.recipes import raw_config, stage_config, to_yaml, with_overrides
 from cdlm.registry import get_method
 from cdlm.sampling.types import StepCallback
 from cdlm.shards import DEFAULT_SHARD_BYTES
@@ -218,7 +218,15 @@ def convert(
     tokenizer = load_source_tokenizer(src)
     destination = Path(destination)
     if to == "cdlm":
-        return write_checkpoint_dir(destination, config=src.config, weights=weights, ema=src.ema, tokenizer=tokenizer)
+        return write_checkpoint_dir(
+            destination,
+            config=src.config,
+            weights=weights,
+            ema=src.ema,
+            tokenizer=tokenizer,
+            step=src.step,
+            source=f"{src.kind}: {src.path}",
+        )
     if to == "hf":
         use_ema = src.config.sample.use_ema and src.ema is not None
         shipped = {**weights, **(src.ema if use_ema and src.ema is not None else {})}
@@ -235,6 +243,17 @@ def convert(
     return fmt.write(
         destination, config=src.config, weights=weights, ema=src.ema, step=src.step or 0, tokenizer=tokenizer
     )
+
+
+def _sample_settings(config: RunConfig, overrides: Sequence[str]) -> Any:
+    """Return the ``sample:`` section of ``config`` with ``overrides`` (all ``sample.*``: the model is built)."""
+    others = [item for item in overrides if not item.strip().startswith("sample.")]
+    if others:
+        raise DataError(
+            f"overrides {others}: a loaded model only takes sample.* overrides; pass the others to "
+            "cdlm.load_pretrained(..., overrides=...)"
+        )
+    return with_overrides(raw_config(config), overrides).sample
 
 
 @dataclass(frozen=True)
@@ -271,7 +290,8 @@ def sample(
         sample_ids: one id per sample (e.g. a task row's ``id``). A method that seeds each sample's noise keys
             it by this id (Cola with ``model.per_sample_noise_seed``), so a sample's output does not depend on
             its position in the request; None keys by position, as the reference does without ids.
-        overrides: ``KEY=VALUE`` overrides of the recorded config, e.g. ``sample.steps=64``.
+        overrides: ``KEY=VALUE`` overrides of the recorded config, e.g. ``sample.steps=64`` (only ``sample.*`` for
+            an already loaded :class:`Pretrained`).
         on_step: called after every solver step (progress, trajectories).
         keep_special_tokens: decode special tokens (EOS, padding, chat markers) into the text, as the reference's
             task outputs do; by default they are skipped.
@@ -284,6 +304,8 @@ def sample(
     """
     loaded = checkpoint if isinstance(checkpoint, Pretrained) else load_pretrained(checkpoint, overrides=overrides)
     settings = loaded.config.sample
+    if isinstance(checkpoint, Pretrained) and overrides:
+        settings = _sample_settings(loaded.config, overrides)
     tok = loaded.tokenizer
     prompt_ids = None
     if prompts is not None:

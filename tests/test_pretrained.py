@@ -149,3 +149,33 @@ def test_keep_special_tokens_decodes_them_into_the_text(tmp_path: Path) -> None:
     kept = cdlm.sample(loaded, prompts=["A"], keep_special_tokens=True)
     assert kept[0].text == '<|endoftext|>"<|pad|><|im_end|>' and kept[0].ids == ids
     assert cdlm.sample(loaded, prompts=["A"])[0].text == '"'
+
+
+def elf_overrides(run: Path) -> list[str]:
+    """What an official ELF checkpoint does not hold: the fixture's L, T5 encoder and a 512-token tokenizer."""
+    encoder = shared_path("fixtures", "elf", "t5_encoder")
+    return ["model.max_length=32", "data.seq_len=32", f"model.encoder.pretrained={encoder}",
+            f"data.tokenizer={run / 'tokenizer.json'}"]  # fmt: skip
+
+
+def test_official_elf_checkpoint_samples_converts_and_goes_back(run: Path, tmp_path: Path) -> None:
+    official = shared_path("fixtures", "elf", "ckpt")
+    payload = torch.load(official / "checkpoint_1", map_location="cpu", weights_only=True)
+    overrides = elf_overrides(run)
+    ema = cdlm.load_pretrained(official, overrides=overrides, device="cpu")
+    raw = cdlm.load_pretrained(official / "checkpoint_1", overrides=[*overrides, "sample.use_ema=false"], device="cpu")
+    assert (ema.kind, ema.weights, ema.step, raw.weights) == ("elf-official", "ema", 1, "raw")
+    assert torch.equal(state(ema)["network.time_tokens"], payload["ema_params1"]["t_emb_tokens"])
+    assert torch.equal(state(raw)["network.time_tokens"], payload["params"]["t_emb_tokens"])
+    args = ["--num-samples", "2", "--steps", "3", *(x for o in overrides for x in ("--set", o))]
+    by_cli = cli("sample", "--checkpoint", str(official), *args)
+    assert by_cli.returncode == 0, by_cli.stderr
+    assert by_cli.stdout.strip() == "\n\n".join(texts(cdlm.sample(ema, overrides=SAMPLE))).strip()
+    converted = cli("convert", str(official), str(tmp_path / "cdlm"), *(x for o in overrides for x in ("--set", o)))
+    assert converted.returncode == 0, converted.stderr
+    back = cdlm.convert(tmp_path / "cdlm", tmp_path / "official", to="elf-official", overrides=["train.warmup_steps=0"])
+    assert back.name == "checkpoint_1"
+    again = torch.load(back, map_location="cpu", weights_only=True)
+    for key in ("params", "ema_params1"):
+        assert again[key].keys() == payload[key].keys()
+        assert all(torch.equal(again[key][k], payload[key][k]) for k in payload[key])
