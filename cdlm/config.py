@@ -12,9 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegative
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown fields are errors and values are immutable."""
+    """Base of every config section: unknown fields are errors, floats are finite and values are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -65,6 +65,14 @@ class TrainConfig(Section):
     init_from: str | None = Field(
         None, description="run or checkpoint directory whose model weights initialise a fresh run (earlier stage)"
     )
+    max_minutes: PositiveFloat | None = Field(
+        None,
+        description="wall-clock limit of one invocation: save a checkpoint and stop after this many minutes "
+        "(the LR schedule still plans for train.steps, so a rerun continues)",
+    )
+    num_threads: NonNegativeInt = Field(
+        1, description="torch CPU threads (torch.set_num_threads); 0 keeps torch's default of one per core"
+    )
 
 
 class SampleConfig(Section):
@@ -87,6 +95,9 @@ class SampleConfig(Section):
     max_new_tokens: PositiveInt = 32
     use_ema: bool = True
     seed: int = 0
+    num_threads: NonNegativeInt = Field(
+        1, description="torch CPU threads while sampling; 0 keeps torch's default of one per core"
+    )
 
 
 class Stage(Section):

@@ -21,3 +21,15 @@ class PluginError(CdlmError, LookupError):
 
 class DataError(CdlmError, ValueError):
     """A dataset, a tokenizer or an input (prompt, batch) cannot be used."""
+
+
+class TrainingError(CdlmError, RuntimeError):
+    """Training cannot go on (a non-finite loss or gradient); the message names the step and the last checkpoint."""
+
+
+class DeviceError(CdlmError, ValueError):
+    """A device was asked for that this machine does not have."""
+
+
+class OutputError(CdlmError, ValueError):
+    """An output path (a run directory, a samples file) cannot be written."""

@@ -124,10 +124,18 @@ class GenerateRequest:
 
 @dataclass(frozen=True)
 class GenerateOutput:
-    """Generated token ids (one list per sample, special tokens kept) and the network evaluations spent."""
+    """Generated token ids (one list per sample, special tokens kept) and the network evaluations spent.
+
+    Attributes:
+        ids: the generated ids per sample.
+        nfe: network evaluations spent.
+        text_ends: per sample, where its text ends (the first end-of-text token), for pipelines that keep
+            generating after it; None: the whole row is text (special tokens are skipped when decoding).
+    """
 
     ids: list[list[int]]
     nfe: int
+    text_ends: list[int] | None = None
 
 
 class Pipeline(ABC):
@@ -251,6 +259,8 @@ class MethodSpec:
         state_dict_adapters: official checkpoint layouts this method can load, by name.
         released_formats: released checkpoint layouts that ``cdlm.load_pretrained``, ``cdlm sample --checkpoint``
             and ``cdlm convert`` read as they are (first match wins).
+        check: cross-section rules, ``(run_config) → [(dotted fields involved, problem)]``, run when a recipe is
+            validated (before any data is prepared); e.g. ELF's ``data.seq_len`` must equal ``model.max_length``.
     """
 
     name: str
@@ -259,3 +269,4 @@ class MethodSpec:
     build: Callable[[Any], Method]
     state_dict_adapters: Mapping[str, Callable[[Any], StateDictAdapter]] = field(default_factory=dict)
     released_formats: Sequence[ReleasedFormat] = ()
+    check: Callable[[Any], Sequence[tuple[tuple[str, ...], str]]] | None = None

@@ -171,7 +171,9 @@ def checkpoint_dir(path: Path) -> Path:
     if (path / MODEL_FILE).is_file():
         if not (path / CONFIG_FILE).is_file():
             raise CheckpointError(
-                f"{path / CONFIG_FILE}: missing; a checkpoint directory needs the run config it was trained with"
+                f"{path}: holds {MODEL_FILE} but no {CONFIG_FILE} (the run config a cdlm checkpoint keeps beside its "
+                "weights) nor a save_pretrained config.json; weights alone do not say which model they fit: copy "
+                f"the {CONFIG_FILE} of the run that trained them into {path}"
             )
         return path
     stages = [path / name for name in _stage_names(path)]

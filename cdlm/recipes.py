@@ -96,23 +96,63 @@ def read_with_extends(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     return _merge(base, raw)
 
 
-def set_dotted(raw: dict[str, Any], item: str) -> None:
-    """Apply one ``a.b.c=value`` override to a nested dict; the value is parsed as YAML."""
+def set_dotted(raw: dict[str, Any], item: str, *, shown: str | None = None) -> None:
+    """Apply one ``a.b.c=value`` override to a nested dict; the value is parsed as YAML.
+
+    Args:
+        raw: the nested mapping to change in place.
+        item: the ``KEY=VALUE`` override.
+        shown: the override as the user wrote it, for error messages (default ``item``).
+    """
+    shown = item if shown is None else shown
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
-        raise RecipeError(f"--set {item}: expected KEY=VALUE, e.g. train.lr=3e-4")
+        raise RecipeError(f"--set {shown}: expected KEY=VALUE, e.g. train.lr=3e-4")
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise RecipeError(f"--set {item}: the value is not valid YAML: {err}") from None
+        raise RecipeError(f"--set {shown}: the value is not valid YAML: {err}") from None
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise RecipeError(f"--set {item}: {part!r} is a value, not a section")
+            raise RecipeError(f"--set {shown}: {part!r} is a value, not a section")
         node = child
     node[parts[-1]] = value
+
+
+def _set_in_stage(raw: dict[str, Any], item: str) -> None:
+    """Apply ``stages.NAME.a.b=value`` to the overrides of the stage called NAME."""
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".", 2)
+    stages = [s for s in raw.get("stages") or [] if isinstance(s, dict)]
+    names = [s.get("name") for s in stages]
+    if len(parts) < 3:
+        raise RecipeError(f"--set {item}: expected stages.NAME.SECTION.FIELD=VALUE, e.g. stages.vae.train.steps=300")
+    if parts[1] not in names:
+        raise RecipeError(f"--set {item}: the recipe has no stage {parts[1]!r}; its stages are {names}")
+    stage = stages[names.index(parts[1])]
+    overrides = stage.setdefault("overrides", {})
+    if not isinstance(overrides, dict):
+        raise RecipeError(f"--set {item}: stage {parts[1]!r} has overrides that are not a mapping")
+    set_dotted(overrides, f"{parts[2]}={text}", shown=item)
+
+
+def check_overrides(overrides: object, where: str = "overrides") -> list[str]:
+    """Return ``overrides`` as a list of strings, refusing one bare string (which would iterate characters).
+
+    Raises:
+        RecipeError: ``overrides`` is a string, or not a sequence of strings.
+    """
+    if isinstance(overrides, str):
+        raise RecipeError(
+            f"{where}={overrides!r}: expected a list of KEY=VALUE strings, got one string; "
+            f"write {where}=[{overrides!r}]"
+        )
+    if not isinstance(overrides, Sequence) or not all(isinstance(o, str) for o in overrides):
+        raise RecipeError(f"{where}: expected a list of KEY=VALUE strings, got {overrides!r}")
+    return list(overrides)
 
 
 def _field_names(model: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
@@ -176,6 +216,10 @@ def validate(raw: Mapping[str, Any], *, path: Path | None = None, overrides: Seq
         else:
             if config is not None:
                 config = config.model_copy(update={"model": model_cfg})
+                for fields, problem in spec.check(config) if spec.check is not None else ():
+                    sources = [_source_of(f, overrides, path) for f in fields]
+                    source = next((s for s in sources if s.startswith("--set")), sources[0])
+                    problems.append((source, f"{fields[0]}: {problem}"))
     if problems or config is None:
         raise RecipeError("\n".join(f"{source}: {line}" for source, line in problems))
     stage_errors = []
@@ -183,7 +227,9 @@ def validate(raw: Mapping[str, Any], *, path: Path | None = None, overrides: Seq
         try:
             stage_config(config, stage.name)
         except RecipeError as err:
-            stage_errors.append(f"{path if path is not None else '<config>'}: stages.{stage.name}: {err}")
+            source = _source_of(f"stages.{stage.name}", overrides, path)
+            for line in str(err).splitlines():
+                stage_errors.append(f"{source}: stages.{stage.name}: {line.removeprefix('<config>: ')}")
     if stage_errors:
         raise RecipeError("\n".join(stage_errors))
     return config
@@ -218,7 +264,8 @@ def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> RunC
     Args:
         name_or_path: a shipped recipe name (``elf-tiny``) or a path to a YAML file.
         overrides: ``KEY=VALUE`` strings applied in order (``train.steps=10``); they also win over the values a
-            recipe's ``stages`` set for the same key.
+            recipe's ``stages`` set for the same key. ``stages.NAME.KEY=VALUE`` sets one stage's value
+            (``stages.vae.train.steps=1350``).
 
     Returns:
         The validated run configuration.
@@ -235,8 +282,12 @@ def with_overrides(raw: Mapping[str, Any], overrides: Sequence[str] = (), *, pat
         overrides: ``KEY=VALUE`` strings applied in order; they win over the recipe's stage values too.
         path: where ``raw`` came from, named in errors.
     """
+    overrides = check_overrides(overrides)
     raw = copy.deepcopy(dict(raw))
     for item in overrides:
+        if item.strip().startswith("stages."):
+            _set_in_stage(raw, item)
+            continue
         set_dotted(raw, item)
         _unset_in_stages(raw, item.partition("=")[0].strip())
     return validate(raw, path=path, overrides=overrides)

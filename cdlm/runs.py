@@ -18,12 +18,22 @@ from cdlm.export import write_checkpoint_dir
 from cdlm.interfaces import GenerateRequest, Method
 from cdlm.loading import load_source_tokenizer, load_weights, read_source, released_format
 from cdlm.precision import autocast_context
-from cdlm.recipes import raw_config, stage_config, to_yaml, with_overrides
+from cdlm.recipes import check_overrides, raw_config, stage_config, to_yaml, with_overrides
 from cdlm.registry import get_method
 from cdlm.sampling.types import StepCallback
 from cdlm.shards import DEFAULT_SHARD_BYTES
 from cdlm.training import loop
 from cdlm.training.checkpoint import CONFIG_FILE
+from cdlm.validation import (
+    check_device,
+    check_output_dir,
+    check_prompts,
+    check_resume,
+    check_run_config,
+)
+
+StatusCallback = Callable[[str], None]
+"""Receives one-line news of a run: data phases, "resumed from step N", a damaged checkpoint passed over."""
 
 
 def build(config: RunConfig) -> Method:
@@ -45,53 +55,83 @@ def train(
     *,
     stage: str | None = None,
     on_log: Callable[[dict[str, float]], None] | None = None,
+    on_status: StatusCallback | None = None,
+    on_stage: Callable[[str, int], None] | None = None,
 ) -> loop.TrainResult:
     """Train ``config`` into ``output_dir``, resuming from its latest checkpoint if there is one.
 
     A recipe with ``stages`` trains each stage (or only ``stage``) into ``output_dir/<stage>``, each starting
-    from the weights the previous stage ended with.
+    from the weights the previous stage ended with. Everything that can be checked before work starts is
+    (the config, the output directory, that a resumed run has the same method, model and data settings, the
+    stage name), and a failed start leaves the run's files as they were. A run stopped by SIGINT, SIGTERM or
+    ``train.max_minutes`` returns with ``stopped`` set, after a checkpoint; later stages are not started.
 
     Args:
         config: a validated run config (:func:`cdlm.load_recipe`).
         output_dir: the run directory: config, tokenizer, metrics and checkpoints go there.
         stage: with a multi-stage recipe, train only this stage.
         on_log: called with every logged metrics record (``step``, ``loss``, ``lr``, …).
+        on_status: called with one-line news (data phases, "resumed from step N", damaged checkpoints).
+        on_stage: with stages, called as each stage starts with its name and its ``train.steps``.
 
     Returns:
-        The final step, last checkpoint and last metrics record (of the last stage trained).
+        The final step, last checkpoint, last metrics record and early-stop reason (of the last stage trained).
 
     Raises:
-        RecipeError: ``stage`` is given but the recipe has no stage of that name.
+        RecipeError: ``config`` is not a RunConfig, ``stage`` names no stage, or the run directory holds a run
+            with other method, model or data settings.
+        OutputError: the output directory is a file or cannot be created.
+        TrainingError: a non-finite loss or gradient.
     """
+    config = check_run_config(config)
     run_dir = Path(output_dir)
     if not config.stages:
         if stage is not None:
             raise RecipeError(f"--stage {stage}: the recipe has no stages")
-        return _train_one(config, run_dir, run_dir, on_log)
+        check_output_dir(run_dir)
+        check_resume(config, run_dir)
+        return _train_one(config, run_dir, run_dir, on_log, on_status)
     names = [s.name for s in config.stages]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(to_yaml(config), encoding="utf-8")
-    result = None
+    if stage is not None and stage not in names:
+        raise RecipeError(f"--stage {stage}: the recipe has no stage {stage!r}; its stages are {names}")
+    plan = []
     for name in names if stage is None else [stage]:
         stage_cfg = stage_config(config, name)
         index = names.index(name)
         if index > 0 and stage_cfg.train.init_from is None:
             train_cfg = stage_cfg.train.model_copy(update={"init_from": str(run_dir / names[index - 1])})
             stage_cfg = stage_cfg.model_copy(update={"train": train_cfg})
-        result = _train_one(stage_cfg, run_dir / name, run_dir, on_log)
+        plan.append((name, stage_cfg))
+    check_output_dir(run_dir)
+    check_resume(config, run_dir)
+    for name, stage_cfg in plan:
+        check_resume(stage_cfg, run_dir / name)
+    (run_dir / CONFIG_FILE).write_text(to_yaml(config), encoding="utf-8")
+    result = None
+    for name, stage_cfg in plan:
+        if on_stage is not None:
+            on_stage(name, stage_cfg.train.steps)
+        result = _train_one(stage_cfg, run_dir / name, run_dir, on_log, on_status)
+        if result.stopped:
+            break
     assert result is not None
     return result
 
 
 def _train_one(
-    config: RunConfig, run_dir: Path, tokenizer_dir: Path, on_log: Callable[[dict[str, float]], None] | None
+    config: RunConfig,
+    run_dir: Path,
+    tokenizer_dir: Path,
+    on_log: Callable[[dict[str, float]], None] | None,
+    on_status: StatusCallback | None,
 ) -> loop.TrainResult:
-    data = prepare(config.data, tokenizer_dir)
+    data = prepare(config.data, tokenizer_dir, on_phase=on_status)
     method = build(config)
     _check_vocab(data.tokenizer, method, f"data.tokenizer={config.data.tokenizer!r}")
     if config.train.init_from is not None:
         load_weights(method, read_source(config.train.init_from), use_ema=False)
-    return loop.train(config, method, run_dir, data.rows, config_yaml=to_yaml(config), on_log=on_log)
+    yaml_text = to_yaml(config)
+    return loop.train(config, method, run_dir, data.rows, config_yaml=yaml_text, on_log=on_log, on_status=on_status)
 
 
 @dataclass
@@ -140,15 +180,15 @@ def load_pretrained(
 
     Raises:
         CheckpointError: nothing loadable at ``source``, or the weights do not fit the config.
+        DeviceError: ``device`` names an accelerator this machine does not have.
     """
-    source_ = read_source(source, overrides)
+    target = check_device(device)
+    source_ = read_source(source, check_overrides(overrides))
     config = source_.config
     method = build(config)
     use_ema = config.sample.use_ema and source_.ema is not None
     load_weights(method, source_, use_ema=use_ema)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    method.modules().to(torch.device(device)).eval()
+    method.modules().to(target).eval()
     tokenizer = load_source_tokenizer(source_)
     _check_vocab(tokenizer, method, f"data.tokenizer={config.data.tokenizer!r}")
     return Pretrained(
@@ -211,7 +251,7 @@ def convert(
     Raises:
         CheckpointError: unknown target, or a source that cannot be read.
     """
-    src = read_source(source, overrides)
+    src = read_source(source, check_overrides(overrides))
     method = build(src.config)
     load_weights(method, src, use_ema=False)
     weights = {k: v.detach().cpu() for k, v in method.modules().state_dict().items()}
@@ -256,6 +296,11 @@ def _sample_settings(config: RunConfig, overrides: Sequence[str]) -> Any:
     return with_overrides(raw_config(config), overrides).sample
 
 
+def _text(tok: PreTrainedTokenizerBase, ids: list[int], keep_special_tokens: bool) -> str:
+    """Decode ``ids`` without the U+FFFD fragments of byte-level tokens cut mid-character."""
+    return tok.decode(ids, skip_special_tokens=not keep_special_tokens).replace("\ufffd", "")
+
+
 @dataclass(frozen=True)
 class Sample:
     """One generated sequence: its text, token ids, the prompt it continues and that prompt's id (if any)."""
@@ -294,18 +339,26 @@ def sample(
             an already loaded :class:`Pretrained`).
         on_step: called after every solver step (progress, trajectories).
         keep_special_tokens: decode special tokens (EOS, padding, chat markers) into the text, as the reference's
-            task outputs do; by default they are skipped.
+            task outputs do; by default they are skipped and the text stops where the pipeline says it ends
+            (Cola: the first end-of-text token).
+            Either way the text holds no U+FFFD fragments of byte-level tokens cut mid-character; ``ids`` keep
+            every generated token.
 
     Returns:
         One :class:`Sample` per prompt, or ``sample.num_samples`` samples.
 
     Raises:
-        DataError: an empty prompt list or an empty prompt, or ``sample_ids`` not one per sample.
+        DataError: prompts that are not a list of non-empty strings, or ``sample_ids`` not one per sample.
+        RecipeError: ``overrides`` is not a list of ``KEY=VALUE`` strings.
     """
+    prompts = check_prompts(prompts)
+    overrides = check_overrides(overrides)
     loaded = checkpoint if isinstance(checkpoint, Pretrained) else load_pretrained(checkpoint, overrides=overrides)
     settings = loaded.config.sample
     if isinstance(checkpoint, Pretrained) and overrides:
         settings = _sample_settings(loaded.config, overrides)
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
     tok = loaded.tokenizer
     prompt_ids = None
     if prompts is not None:
@@ -323,7 +376,8 @@ def sample(
     device = next(loaded.method.modules().parameters()).device
     with autocast_context(device, loaded.config.train.precision):
         out = loaded.method.pipeline(GenerateRequest(num, prompt_ids, settings, ids), generator, on_step)
-    texts = tok.batch_decode(out.ids, skip_special_tokens=not keep_special_tokens)
+    ends = out.text_ends if out.text_ends is not None and not keep_special_tokens else [len(r) for r in out.ids]
+    texts = [_text(tok, token_ids[:end], keep_special_tokens) for token_ids, end in zip(out.ids, ends, strict=True)]
     return [
         Sample(
             text=text,

@@ -44,7 +44,7 @@ def test_staged_run_starts_each_stage_from_the_previous(tmp_path: Path) -> None:
     assert recorded.train.init_from == str(run / "first") and recorded.train.lr == 2e-3
     loaded = cdlm.load_pretrained(run, device="cpu")  # a staged run resolves to its last trained stage
     assert loaded.checkpoint == second.checkpoint
-    with pytest.raises(cdlm.CdlmError, match="stage 'third' not found"):
+    with pytest.raises(cdlm.CdlmError, match="--stage third: the recipe has no stage 'third'"):
         cdlm.train(config, run, stage="third")
 
 

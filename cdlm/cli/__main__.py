@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.text import Text
 
 from cdlm.cli import convert, recipes, sample, train
+from cdlm.cli import eval as evaluate
 from cdlm.errors import CdlmError
 
 app = typer.Typer(
@@ -21,13 +22,14 @@ app = typer.Typer(
 app.command("train")(train.train)
 app.command("sample")(sample.sample)
 app.command("convert")(convert.convert)
+app.command("eval")(evaluate.eval_)
 app.add_typer(recipes.app, name="recipes")
 
 
-def main() -> None:
-    """Run the CLI; a CdlmError (bad input) prints ``error: …`` and exits with code 2, anything else is a bug."""
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI on ``argv`` (default: the command line); bad input (a CdlmError) exits 2 with ``error: …``."""
     try:
-        app()
+        app(args=argv)
     except CdlmError as err:
         Console(stderr=True).print(Text.assemble(("error: ", "bold red"), str(err)), soft_wrap=True)
         sys.exit(2)

@@ -1,24 +1,87 @@
-"""Rich progress rendering of the library's callbacks, on stderr (stdout carries data only)."""
+"""Progress rendering of the library's callbacks, on stderr (stdout carries data only).
+
+On a terminal a Rich bar advances with every logged step; without one (nohup, CI, a log file) every log step
+is one plain line, so that a log shows progress as it happens.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from cdlm.sampling.types import StepInfo
 
 stderr = Console(stderr=True)
 
 
+def say(message: str) -> None:
+    """Print one line on stderr, never wrapped (commands stay copyable)."""
+    stderr.print(message, soft_wrap=True, markup=False, highlight=False)
+
+
+class TrainingProgress:
+    """The ``on_log``, ``on_status`` and ``on_stage`` hooks of :func:`cdlm.train`, rendered on stderr.
+
+    Args:
+        total_steps: the run's ``train.steps`` (a stage's own, once ``on_stage`` names it).
+        bar: the Rich progress bar on a terminal, or None for plain lines.
+    """
+
+    def __init__(self, total_steps: int, bar: Progress | None) -> None:
+        self.total, self.bar, self.label = total_steps, bar, "train"
+        self.task: TaskID | None = None if bar is None else bar.add_task("train", total=total_steps, stats="")
+
+    def on_stage(self, name: str, steps: int) -> None:
+        """Start the bar (or the lines) of stage ``name``, ``steps`` steps long."""
+        self.total, self.label = steps, f"train {name}"
+        self.on_status(f"stage {name}: {steps} steps")
+        if self.bar is not None and self.task is not None:
+            self.bar.reset(self.task, total=steps, description=self.label, stats="")
+
+    def on_status(self, message: str) -> None:
+        """Show a one-line message above the bar."""
+        if self.bar is not None:
+            self.bar.console.print(message, soft_wrap=True, markup=False, highlight=False)
+        else:
+            say(message)
+
+    def on_log(self, record: Mapping[str, Any]) -> None:
+        """Advance to a logged step."""
+        stats = (
+            f"loss {_num(record['loss'], '.4f')}  lr {_num(record['lr'], '.2e')}  {record['tokens_per_s']:.0f} tok/s"
+        )
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, completed=record["step"], description=self.label, stats=stats)
+        else:
+            elapsed = time.strftime("%H:%M:%S", time.gmtime(record.get("elapsed_s", 0.0)))
+            say(f"{self.label} step {record['step']}/{self.total}  {stats}  {elapsed}")
+
+
+def _num(value: Any, spec: str) -> str:
+    return "nan" if value is None else format(value, spec)
+
+
 @contextmanager
-def training(total_steps: int) -> Iterator[Callable[[Mapping[str, Any]], None]]:
-    """Yield an ``on_log`` hook that advances a bar to each logged step and shows loss and throughput."""
+def training(total_steps: int) -> Iterator[TrainingProgress]:
+    """Yield the hooks that render a training run: a bar on a terminal, one line per log step elsewhere."""
+    if not stderr.is_terminal:
+        yield TrainingProgress(total_steps, None)
+        return
     columns = (
-        TextColumn("[bold]train"),
+        TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[stats]}"),
@@ -26,22 +89,22 @@ def training(total_steps: int) -> Iterator[Callable[[Mapping[str, Any]], None]]:
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=stderr, transient=False) as bar:
-        task = bar.add_task("train", total=total_steps, stats="")
-
-        def on_log(record: Mapping[str, Any]) -> None:
-            stats = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s"
-            bar.update(task, completed=record["step"], stats=stats)
-
-        yield on_log
+        yield TrainingProgress(total_steps, bar)
 
 
 @contextmanager
 def sampling() -> Iterator[Callable[[StepInfo], None]]:
-    """Yield an ``on_step`` hook that shows the current solver step, time and network evaluations."""
+    """Yield an ``on_step`` hook that shows the solver step and time on a terminal (nothing elsewhere)."""
+    if not stderr.is_terminal:
+        yield lambda info: None
+        return
     with Progress(TextColumn("[bold]sample"), TextColumn("{task.description}"), console=stderr) as bar:
         task = bar.add_task("", total=None)
+        total = 0
 
         def on_step(info: StepInfo) -> None:
-            bar.update(task, description=f"step {info.index + 1}  t={info.t_next:.3f}  nfe {info.nfe}")
+            nonlocal total
+            total += 1
+            bar.update(task, description=f"step {info.index + 1}  t={info.t_next:.3f}  solver steps so far {total}")
 
         yield on_step

@@ -10,7 +10,8 @@ import typer
 
 import cdlm
 from cdlm.cli import progress
-from cdlm.errors import DataError
+from cdlm.errors import CdlmError, DataError, OutputError
+from cdlm.validation import check_output_file
 
 
 def _read_prompts(
@@ -23,16 +24,29 @@ def _read_prompts(
         raise DataError(f"--prompts-file {prompts_file}: no such file")
     texts = list(prompt or [])
     ids: list[int | str | None] = [None] * len(texts)
-    for number, line in enumerate(prompts_file.read_text().splitlines(), 1):
+    try:
+        content = prompts_file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"--prompts-file {prompts_file}: not UTF-8 text (invalid byte at offset {err.start})") from None
+    except OSError as err:
+        raise DataError(f"--prompts-file {prompts_file}: cannot be read ({err.strerror})") from None
+    for number, line in enumerate(content.splitlines(), 1):
         if line.strip():
             try:
                 record = json.loads(line)
-                texts.append(record["prompt"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(f'{prompts_file}:{number}: expected a JSON object with a "prompt" string') from None
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                found = "not JSON" if record is None else f"got {line.strip()[:60]}"
+                raise DataError(
+                    f'--prompts-file {prompts_file}:{number}: expected a JSON object with a "prompt" string, {found}'
+                )
+            texts.append(record["prompt"])
             sample_id = record.get("id")
             if sample_id is not None and (isinstance(sample_id, bool) or not isinstance(sample_id, int | str)):
-                raise DataError(f'{prompts_file}:{number}: "id" must be an integer or a string, got {sample_id!r}')
+                raise DataError(
+                    f'--prompts-file {prompts_file}:{number}: "id" must be an integer or a string, got {sample_id!r}'
+                )
             ids.append(sample_id)
     if not texts:
         raise DataError(f"--prompts-file {prompts_file}: no prompts in the file")
@@ -91,27 +105,65 @@ def sample(
         "repetition_penalty": repetition_penalty,
         "use_ema": ema,
     }
-    overrides = [*(set_ or []), *(f"sample.{key}={value}" for key, value in sugar.items() if value is not None)]
-    prompts, sample_ids = _read_prompts(prompt, prompts_file)
+    given = {key: value for key, value in sugar.items() if value is not None}
+    flags = {f"sample.{key}={value}": f"{_FLAGS[key]} {_shown(key, value, sampler)}" for key, value in given.items()}
+    overrides = [*(set_ or []), *flags]
     if (checkpoint is None) == (recipe is None):
         raise DataError(
             "give exactly one of --checkpoint PATH_OR_HUB_ID (a trained model) or --recipe NAME (released weights)"
         )
-    source = checkpoint if recipe is None else cdlm.load_recipe(recipe, overrides)
-    with progress.sampling() as on_step:
-        samples = cdlm.sample(
-            source,
-            prompts=prompts,
-            sample_ids=sample_ids,
-            overrides=overrides,
-            on_step=on_step,
-            keep_special_tokens=keep_special_tokens,
-        )
+    prompts, sample_ids = _read_prompts(prompt, prompts_file)
+    if output is not None:
+        check_output_file(output)
+    try:
+        source = checkpoint if recipe is None else cdlm.load_recipe(recipe, overrides)
+        with progress.sampling() as on_step:
+            samples = cdlm.sample(
+                source,
+                prompts=prompts,
+                sample_ids=sample_ids,
+                overrides=overrides,
+                on_step=on_step,
+                keep_special_tokens=keep_special_tokens,
+            )
+    except CdlmError as err:
+        raise type(err)(_in_flag_terms(str(err), flags)) from None
     if output is None:
         typer.echo("\n\n".join(s.text for s in samples))
         return
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("w") as f:
-        for s in samples:
-            f.write(json.dumps(s.to_json(), ensure_ascii=False) + "\n")
-    progress.stderr.print(f"wrote {len(samples)} samples to {output}")
+    try:
+        with output.open("w", encoding="utf-8") as f:
+            for s in samples:
+                f.write(json.dumps(s.to_json(), ensure_ascii=False) + "\n")
+    except OSError as err:
+        raise OutputError(f"--output {output}: cannot be written ({err.strerror or err})") from None
+    progress.say(f"wrote {len(samples)} samples to {output}")
+
+
+_FLAGS = {
+    "num_samples": "--num-samples",
+    "steps": "--steps",
+    "sampler": "--sampler",
+    "cfg": "--cfg",
+    "seed": "--seed",
+    "max_new_tokens": "--max-new-tokens",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "repetition_penalty": "--repetition-penalty",
+    "use_ema": "--ema/--raw-weights",
+}
+
+
+def _shown(key: str, value: object, sampler: str | None) -> str:
+    """The flag's value as typed (``--sampler ode`` stays ``ode``; ``--raw-weights`` is a switch)."""
+    if key == "sampler":
+        return str(sampler)
+    return "" if key == "use_ema" else str(value)
+
+
+def _in_flag_terms(message: str, flags: dict[str, str]) -> str:
+    """Name the flag the user typed (``--num-samples 0``), not its ``--set sample.num_samples=0`` form."""
+    for override, flag in flags.items():
+        message = message.replace(f"--set {override}", flag.strip())
+    return message

@@ -18,7 +18,7 @@ positions with ``mask == False`` and ``ids == eos`` (ELF spec §3.3 step 2 train
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from cdlm.config import DataConfig
 from cdlm.data.sources import load_texts
-from cdlm.data.tokenize import SpecialIds, encode, load_tokenizer, special_ids
+from cdlm.data.tokenize import TOKENIZER_FILE, SpecialIds, encode, load_tokenizer, special_ids
 from cdlm.errors import DataError
 from cdlm.interfaces import TokenBatch
 
@@ -50,12 +50,13 @@ class PackedData:
     special: SpecialIds
 
 
-def prepare(cfg: DataConfig, cache_dir: Path) -> PackedData:
+def prepare(cfg: DataConfig, cache_dir: Path, on_phase: Callable[[str], None] | None = None) -> PackedData:
     """Load, tokenise and pack the corpus of ``cfg``: the data pipeline in one call.
 
     Args:
         cfg: the run's data section.
         cache_dir: where a trained BPE tokenizer is cached (the run directory).
+        on_phase: called with a one-line description as each phase starts (progress at start-up).
 
     Returns:
         The packed rows, with their tokenizer and special ids.
@@ -63,10 +64,19 @@ def prepare(cfg: DataConfig, cache_dir: Path) -> PackedData:
     Raises:
         DataError: from any stage (missing source, bad column, empty corpus, tokenizer mismatch, bad lengths).
     """
+    say = on_phase or (lambda message: None)
+    say(f"data: reading {cfg.source}")
     texts = load_texts(cfg)
     corpus = chain(texts["source"], texts["text"]) if cfg.source_field is not None else texts["text"]
+    trains = cfg.tokenizer == "bpe" and not (Path(cache_dir) / TOKENIZER_FILE).is_file()
+    say(
+        f"data: training a {cfg.vocab_size}-token BPE on {len(texts)} documents"
+        if trains
+        else "data: loading the tokenizer"
+    )
     tok = load_tokenizer(cfg, cache_dir, corpus)
     special = special_ids(tok)
+    say(f"data: tokenizing and packing {len(texts)} documents into rows of {cfg.seq_len} tokens")
     if cfg.source_field is None:
         rows = pack_documents(encode(tok, texts["text"]), cfg.seq_len, special, cfg.pad_token)
     else:
@@ -78,6 +88,7 @@ def prepare(cfg: DataConfig, cache_dir: Path) -> PackedData:
             special,
             cfg.pad_token,
         )
+    say(f"data: {rows.ids.shape[0]} rows of {cfg.seq_len} tokens")
     return PackedData(rows=rows, tokenizer=tok, special=special)
 
 

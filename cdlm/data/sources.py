@@ -48,6 +48,8 @@ def load_texts(cfg: DataConfig) -> Dataset:
             exist, the hub dataset cannot be loaded, or no rows remain.
     """
     raw = _load_raw(cfg)
+    if len(raw) == 0:
+        raise DataError(f"data.source {cfg.source!r}: the dataset is empty (no rows); point data.source at some text")
     ds = _select_columns(raw, cfg)
     if cfg.max_rows is not None and len(ds) > cfg.max_rows:
         ds = ds.select(range(cfg.max_rows))
@@ -69,8 +71,11 @@ def _load_raw(cfg: DataConfig) -> Dataset:
         return _load_dir(path, cfg)
     if path.is_file():
         return _load_file(path)
-    if _looks_like_path(cfg.source):
-        raise DataError(f"data.source {cfg.source!r}: no such file or directory")
+    if _looks_like_path(cfg.source) or "/" not in cfg.source:
+        raise DataError(
+            f"data.source {cfg.source!r}: no such file or directory, and not a hub dataset id (owner/name); "
+            f"give a local file or directory, {BUILTIN_PYDOC!r}, or a hub id"
+        )
     return _load_hub(cfg)
 
 
@@ -108,12 +113,18 @@ def _load_file(path: Path) -> Dataset:
     name = path.name
     if name.endswith(_TEXT_SUFFIXES):
         return Dataset.from_dict({"text": _paragraphs(path)})
-    if name.endswith((".jsonl", ".json")):
-        return Dataset.from_json(str(path))
-    if name.endswith(".parquet"):
-        return Dataset.from_parquet(str(path))
-    if name.endswith(".arrow"):
-        return Dataset.from_file(str(path), in_memory=True)
+    if path.stat().st_size == 0:
+        return Dataset.from_dict({})
+    try:
+        if name.endswith((".jsonl", ".json")):
+            return Dataset.from_json(str(path))
+        if name.endswith(".parquet"):
+            return Dataset.from_parquet(str(path))
+        if name.endswith(".arrow"):
+            return Dataset.from_file(str(path), in_memory=True)
+    except Exception as err:  # datasets wraps arrow and JSON errors in several exception types of its own
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{path}: cannot be read as {path.suffix.lstrip('.')} ({first})") from None
     raise DataError(
         f"{path}: unsupported file type; expected one of {', '.join(_TEXT_SUFFIXES + _TABLE_SUFFIXES)} "
         "or a directory of such files"
@@ -123,8 +134,11 @@ def _load_file(path: Path) -> Dataset:
 def _paragraphs(path: Path) -> list[str]:
     """Split a (possibly gzipped) text file into its non-empty, stripped, blank-line-separated paragraphs."""
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except (UnicodeDecodeError, OSError, EOFError) as err:
+        raise DataError(f"{path}: cannot be read as UTF-8 text ({err})") from None
     return [p.strip() for p in _PARAGRAPH_BREAK.split(text) if p.strip()]
 
 

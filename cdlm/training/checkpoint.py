@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -165,7 +166,8 @@ def load_checkpoint(path: Path) -> CheckpointState:
         The checkpoint's contents, tensors on CPU.
 
     Raises:
-        CheckpointError: the directory does not exist, holds no checkpoint, or misses files.
+        CheckpointError: the directory does not exist, holds no checkpoint, misses files, or a file is damaged
+            (truncated, not safetensors, not JSON).
     """
     path = Path(path)
     if (path / CHECKPOINTS).is_dir():
@@ -182,19 +184,32 @@ def load_checkpoint(path: Path) -> CheckpointState:
             f"Remove it (rm -r {path}) and rerun training on the same run directory to resume from the previous "
             "checkpoint."
         )
-    state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    return CheckpointState(
-        path=path,
-        step=int(state["step"]),
-        elapsed_s=float(state["elapsed_s"]),
-        model_state=load_file(path / MODEL_FILE),
-        ema_state=load_file(path / EMA_FILE),
-        optimizer_state=_join_optimizer_state(load_file(path / OPTIMIZER_FILE), state["optimizer"]),
-        scheduler_state=state["scheduler"],
-        loader_state=state["loader"],
-        rng_state=state["rng"],
-        config_yaml=(path / CONFIG_FILE).read_text(encoding="utf-8"),
-    )
+    reading = STATE_FILE
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        weights = {}
+        for reading in (MODEL_FILE, EMA_FILE, OPTIMIZER_FILE):
+            weights[reading] = load_file(path / reading)
+        reading = STATE_FILE
+        return CheckpointState(
+            path=path,
+            step=int(state["step"]),
+            elapsed_s=float(state["elapsed_s"]),
+            model_state=weights[MODEL_FILE],
+            ema_state=weights[EMA_FILE],
+            optimizer_state=_join_optimizer_state(weights[OPTIMIZER_FILE], state["optimizer"]),
+            scheduler_state=state["scheduler"],
+            loader_state=state["loader"],
+            rng_state=state["rng"],
+            config_yaml=(path / CONFIG_FILE).read_text(encoding="utf-8"),
+        )
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path / reading}: damaged, cannot be read ({type(err).__name__}: {err})") from None
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Return the checkpoint directories of ``run_dir``, by increasing step (``.tmp-*`` leftovers excluded)."""
+    return _step_dirs(Path(run_dir) / CHECKPOINTS)
 
 
 def read_state_dict(path: Path) -> dict[str, Any]:

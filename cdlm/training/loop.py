@@ -14,7 +14,13 @@ checkpoints (:mod:`cdlm.training.checkpoint`) every ``train.save_every`` steps a
 holds every module of ``Method.modules()``, frozen ones included, so it is self-contained.
 
 Resume: when ``run_dir`` has a checkpoint, the model, EMA, optimizer, schedule, step, loader position and
-every RNG are restored, and ``metrics.jsonl`` is cut back to that step. On CPU a run interrupted and resumed
+every RNG are restored, and ``metrics.jsonl`` is cut back to that step. A damaged latest checkpoint (a file
+missing, truncated or unreadable) is reported and the newest complete one before it is used instead.
+
+Stops: SIGINT, SIGTERM and ``train.max_minutes`` end the run after the current step with a checkpoint of it
+(:mod:`cdlm.training.stop`); a non-finite loss or gradient norm stops it before the update, with a
+:class:`~cdlm.errors.TrainingError` naming the step and the last good checkpoint. Non-finite metric values are
+written as ``null``, so ``metrics.jsonl`` stays valid JSON. On CPU a run interrupted and resumed
 is bit-identical to an uninterrupted one (same world size required). Multi-process: gradients are averaged
 with an explicit all-reduce after the micro-batches (no DDP wrapper: the objective calls the components
 directly); each process saves its own RNG record; ``lr`` and the loader position are the same everywhere.
@@ -23,6 +29,7 @@ directly); each process saves its own RNG record; ``lr`` and the loader position
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -39,18 +46,20 @@ from torch import Tensor
 
 from cdlm.config import RunConfig
 from cdlm.data.loader import ResumableLoader
+from cdlm.errors import CheckpointError, TrainingError
 from cdlm.interfaces import Method, TokenBatch
 from cdlm.precision import autocast_context
 from cdlm.training.checkpoint import (
     capture_rng_state,
     checkpoint_dir,
-    latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
 from cdlm.training.ema import EMA
 from cdlm.training.optim import build_lr_schedule, build_optimizer
+from cdlm.training.stop import StopRequests
 
 logger = get_logger(__name__)
 
@@ -66,13 +75,17 @@ class TrainResult:
         run_dir: the run directory.
         step: optimizer steps taken in total (resumed steps included).
         checkpoint: the last checkpoint directory, or None when none exists.
-        metrics: the last record logged by this call (empty when it logged nothing).
+        metrics: the last record logged (by an earlier call when this one had no step left to take; empty when
+            none was ever logged).
+        stopped: why the run stopped before ``train.steps``: ``"SIGINT"``, ``"SIGTERM"`` or ``"time limit"``;
+            None when it reached ``train.steps``.
     """
 
     run_dir: Path
     step: int
     checkpoint: Path | None
     metrics: dict[str, float] = field(default_factory=dict)
+    stopped: str | None = None
 
 
 def train(
@@ -83,6 +96,7 @@ def train(
     *,
     config_yaml: str | None = None,
     on_log: Callable[[dict[str, float]], None] | None = None,
+    on_status: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train ``method`` on ``rows`` for ``config.train.steps`` optimizer steps, resuming from ``run_dir``.
 
@@ -93,47 +107,55 @@ def train(
         rows: the packed corpus (:func:`cdlm.data.pack.prepare`): ids (R, L) int64, mask, cond_mask (R, L) bool.
         config_yaml: the resolved config as YAML; defaults to dumping ``config``.
         on_log: called on the main process with every metrics record (the CLI renders progress from it).
+        on_status: called on the main process with one-line news: resumed from a step, a damaged checkpoint
+            passed over.
 
     Returns:
-        The final step, the last checkpoint and the last logged record.
+        The final step, the last checkpoint, the last logged record and why it stopped early, if it did.
 
     Raises:
-        CheckpointError: the checkpoint in ``run_dir`` is incomplete or does not fit the method.
+        CheckpointError: no checkpoint in ``run_dir`` can be read, or the one read does not fit the method.
         DataError: ``rows`` cannot fill one batch, or the saved loader position does not fit them.
+        TrainingError: a non-finite loss or gradient norm.
     """
     run_dir = Path(run_dir)
     cfg = config.train
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     accelerator = Accelerator(log_with=list(cfg.trackers) or None, project_dir=str(run_dir))
     set_seed(config.seed, device_specific=True)  # seed + rank
     if config_yaml is None:
         config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-    if accelerator.is_main_process:
+    state = _TrainState(config, method, rows, accelerator)
+    state.resume(run_dir, on_status if accelerator.is_main_process else None)
+    if accelerator.is_main_process:  # only once the resume worked: a failed start leaves the run's files alone
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
-    state = _TrainState(config, method, rows, accelerator)
-    state.resume(run_dir)
-    if accelerator.is_main_process:
         _truncate_metrics(run_dir / METRICS_FILE, state.step)
     if cfg.trackers:
         accelerator.init_trackers(run_dir.name, config=_flat(config.model_dump(mode="json")))
     record: dict[str, float] = {}
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = state.resumed_from
     ctx = autocast_context(accelerator.device, cfg.precision)
     start = last_log = time.perf_counter()
-    tokens = 0
-    while state.step < cfg.steps:
-        stats = state.optimizer_step(ctx)
-        tokens += stats.tokens
-        elapsed = state.elapsed_base + time.perf_counter() - start
-        if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-            now = time.perf_counter()
-            record = stats.record(accelerator, state.step, tokens / max(now - last_log, 1e-9), elapsed)
-            tokens, last_log = 0, now
-            _emit(accelerator, run_dir, record, on_log)
-        if state.step % cfg.save_every == 0 or state.step == cfg.steps:
-            checkpoint = state.save(run_dir, config_yaml, elapsed)
+    tokens, stopped = 0, None
+    with StopRequests(cfg.max_minutes) as stop:
+        while state.step < cfg.steps and stopped is None:
+            stats = state.optimizer_step(ctx, checkpoint)
+            tokens += stats.tokens
+            elapsed = state.elapsed_base + time.perf_counter() - start
+            stopped = state.agree(stop.reason())
+            if state.step % cfg.log_every == 0 or state.step == cfg.steps or stopped:
+                now = time.perf_counter()
+                record = stats.record(accelerator, state.step, tokens / max(now - last_log, 1e-9), elapsed)
+                tokens, last_log = 0, now
+                _emit(accelerator, run_dir, record, on_log)
+            if state.step % cfg.save_every == 0 or state.step == cfg.steps or stopped:
+                checkpoint = state.save(run_dir, config_yaml, elapsed)
     accelerator.end_training()
-    return TrainResult(run_dir=run_dir, step=state.step, checkpoint=checkpoint, metrics=record)
+    if not record:
+        record = _last_record(run_dir / METRICS_FILE)
+    return TrainResult(run_dir=run_dir, step=state.step, checkpoint=checkpoint, metrics=record, stopped=stopped)
 
 
 class _TrainState:
@@ -156,16 +178,42 @@ class _TrainState:
         self.ema = EMA(self.model, config.train.ema_decay)
         self.generators = {OBJECTIVE_GENERATOR: torch.Generator().manual_seed(config.seed + rank)}
         self.step, self.elapsed_base = 0, 0.0
+        self.resumed_from: Path | None = None
 
-    def resume(self, run_dir: Path) -> None:
-        """Restore everything from the latest checkpoint of ``run_dir``, if there is one."""
-        path = latest_checkpoint(run_dir)
-        if path is None:
+    def resume(self, run_dir: Path, on_status: Callable[[str], None] | None) -> None:
+        """Restore everything from the newest readable checkpoint of ``run_dir``, if there is one.
+
+        Raises:
+            CheckpointError: checkpoints exist but none can be read, or the one read does not fit the method.
+        """
+        say = on_status or (lambda message: None)
+        found = list_checkpoints(run_dir)
+        damaged: list[str] = []
+        for path in reversed(found):
+            try:
+                ckpt = load_checkpoint(path)
+                break
+            except CheckpointError as err:
+                damaged.append(str(err))
+                logger.warning(f"{err}; trying the previous checkpoint")
+                say(f"warning: {err}; passing over {path.name}")
+        else:
+            if damaged:
+                raise CheckpointError(
+                    f"{run_dir}: no readable checkpoint ({damaged[0]}); move {run_dir / 'checkpoints'} aside to train "
+                    "from scratch"
+                )
             return
-        ckpt = load_checkpoint(path)
-        self.model.load_state_dict(ckpt.model_state, strict=True)
-        self.ema.load_state_dict(ckpt.ema_state)
-        self.optimizer.load_state_dict(ckpt.optimizer_state)
+        try:
+            self.model.load_state_dict(ckpt.model_state, strict=True)
+            self.ema.load_state_dict(ckpt.ema_state)
+            self.optimizer.load_state_dict(ckpt.optimizer_state)
+        except (RuntimeError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[0]
+            raise CheckpointError(
+                f"{path}: does not fit the model being trained ({first}); was the run trained with another model "
+                "config? Train into a new --output-dir"
+            ) from None
         self.scheduler.load_state_dict(ckpt.scheduler_state)
         self.loader.load_state_dict(ckpt.loader_state)
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
@@ -176,11 +224,24 @@ class _TrainState:
                 f"{path}: saved by {len(ckpt.rng_state)} process(es), resumed on {world}: RNGs are re-seeded, "
                 "so the run continues but is not bit-identical to an uninterrupted one"
             )
-        self.step, self.elapsed_base = ckpt.step, ckpt.elapsed_s
+        self.step, self.elapsed_base, self.resumed_from = ckpt.step, ckpt.elapsed_s, path
         logger.info(f"resumed from {path} at step {ckpt.step}")
+        say(f"resumed from step {ckpt.step} ({path})" + (" after passing over a damaged checkpoint" if damaged else ""))
 
-    def optimizer_step(self, ctx: AbstractContextManager[object]) -> _StepStats:
-        """Run one optimizer step over ``grad_accum`` micro-batches and return what it measured."""
+    def agree(self, reason: str | None) -> str | None:
+        """Return the stop reason every process acts on: any process's request stops all of them."""
+        if self.accelerator.num_processes == 1:
+            return reason
+        reasons = [r for r in gather_object([reason]) if r is not None]
+        return reasons[0] if reasons else None
+
+    def optimizer_step(self, ctx: AbstractContextManager[object], last_checkpoint: Path | None) -> _StepStats:
+        """Run one optimizer step over ``grad_accum`` micro-batches and return what it measured.
+
+        Raises:
+            TrainingError: the loss or the gradient norm is not finite (checked before the update, so the
+                weights and the checkpoints stay finite).
+        """
         cfg = self.config.train
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, Tensor] = {}
@@ -194,6 +255,7 @@ class _TrainState:
         self._average_gradients()
         max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)  # pre-clip total norm
+        self._check_finite(sums["loss"], grad_norm, last_checkpoint)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -202,6 +264,19 @@ class _TrainState:
         means = {key: total / cfg.grad_accum for key, total in sums.items()}
         tokens = cfg.grad_accum * batch.ids.numel() * self.accelerator.num_processes
         return _StepStats(means=means, lr=lr, grad_norm=grad_norm, tokens=tokens)
+
+    def _check_finite(self, loss: Tensor, grad_norm: Tensor, last_checkpoint: Path | None) -> None:
+        bad = (~torch.isfinite(loss.to(grad_norm.device)) | ~torch.isfinite(grad_norm)).float()
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if bad.item() == 0:
+            return
+        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
+        raise TrainingError(
+            f"step {self.step + 1}: non-finite loss ({float(loss) / self.config.train.grad_accum}) or gradient norm "
+            f"({float(grad_norm)}); stopped before the update, {where}. Lower train.lr or check the data, then rerun "
+            "to resume from that checkpoint"
+        )
 
     def _average_gradients(self) -> None:
         """Average gradients across processes (a no-op on one process)."""
@@ -265,10 +340,22 @@ def _emit(
     if not accelerator.is_main_process:
         return
     with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps({k: v if _finite(v) else None for k, v in record.items()}, allow_nan=False) + "\n")
     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
     if on_log is not None:
         on_log(dict(record))
+
+
+def _finite(value: object) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _last_record(path: Path) -> dict[str, float]:
+    """Return the last line of a metrics file as a record ({} when there is none)."""
+    if not path.is_file():
+        return {}
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return json.loads(lines[-1]) if lines else {}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -207,6 +207,11 @@ class ColaConfig(Section):
     per_sample_noise_seed: int | None = Field(
         None, description="COLA_INFER_PER_SAMPLE_NOISE_SEED of the reference (its benchmark uses 66)"
     )
+    max_length: PositiveInt = Field(
+        4096,
+        description="the longest prompt + generation sampling accepts, in tokens: RoPE sets no hard limit, but the "
+        "KV caches and the time grow with it and the release trained on 512-token rows",
+    )
     # flow-matching training (spec §5, §9.2)
     time_distribution: Literal["logit_normal", "uniform"] = "logit_normal"
     t_loc: float = 0.0

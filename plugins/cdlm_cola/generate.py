@@ -162,13 +162,15 @@ class ColaPipeline(Pipeline):
         """Continue ``request.prompts`` (token ids; None: ``num_samples`` empty prompts) by whole blocks.
 
         Each output keeps the ids after its prompt, special tokens included and not cut at EOS (spec §6.1
-        step 8); generation stops early only when every row of a batch has emitted EOS or im_end. ``nfe``
+        step 8), and ``text_ends`` marks its first EOS or im_end; generation stops early only when every row of
+        a batch has emitted one. ``nfe``
         counts the solver's prediction calls (one per Euler step, however CFG is batched), the block decodes
         and the DiT commits; the prefill is not counted.
 
         Raises:
-            DataError: an empty prompt list, a count that differs from ``num_samples``, a token id outside the
-                VAE vocabulary (a tokenizer mismatch), or a non-uniform time grid.
+            DataError: an empty prompt list, a count that differs from ``num_samples``, a prompt plus
+                ``max_new_tokens`` longer than ``model.max_length``, a token id outside the VAE vocabulary (a
+                tokenizer mismatch), or a non-uniform time grid.
         """
         settings: SampleConfig = request.settings
         prompts = self._check(request)
@@ -180,7 +182,9 @@ class ColaPipeline(Pipeline):
             batch_ids, batch_nfe = self._generate(prompts[rows], sample_ids[rows], settings, generator, on_step)
             ids.extend(batch_ids)
             nfe += batch_nfe
-        return GenerateOutput(ids=ids, nfe=nfe)
+        stops = {i for i in (self.cfg.eos_id, self.cfg.im_end_id) if i is not None}
+        ends = [next((k for k, token in enumerate(row) if token in stops), len(row)) for row in ids]
+        return GenerateOutput(ids=ids, nfe=nfe, text_ends=ends)
 
     def plan(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> PromptPlan:
         """Pad, encode and split prompts into prefixes and a first block (spec §6.1 steps 2–5).
@@ -342,6 +346,13 @@ class ColaPipeline(Pipeline):
         if len(prompts) != request.num_samples:
             raise DataError(
                 f"Cola generation: got {len(prompts)} prompts for num_samples={request.num_samples}; expected one each"
+            )
+        longest = max(len(p) for p in prompts) + request.settings.max_new_tokens
+        if longest > self.cfg.max_length:
+            raise DataError(
+                f"sample.max_new_tokens={request.settings.max_new_tokens} (--max-new-tokens): the longest prompt plus "
+                f"the new tokens is {longest} tokens, above model.max_length={self.cfg.max_length}; ask for fewer "
+                "tokens (or raise model.max_length)"
             )
         vocab = self.vae_cfg.vocab_size
         for i, prompt in enumerate(prompts):
