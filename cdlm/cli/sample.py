@@ -17,7 +17,10 @@ from cdlm.validation import check_output_file
 def _read_prompts(
     prompt: list[str] | None, prompts_file: Path | None
 ) -> tuple[list[str] | None, list[int | str | None] | None]:
-    """Return the prompts (``--prompt`` first, then the file's) and their ids (None when no line has an ``id``)."""
+    """Return the prompts (``--prompt`` first, then the file's) and their ids (None when no line has an ``id``).
+
+    A line's text is its ``prompt`` field, or its ``source`` field (a seq2seq condition, as in ``cdlm eval --input``).
+    """
     if prompts_file is None:
         return prompt or None, None
     if not prompts_file.is_file():
@@ -36,12 +39,14 @@ def _read_prompts(
                 record = json.loads(line)
             except json.JSONDecodeError:
                 record = None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            text = record.get("prompt", record.get("source")) if isinstance(record, dict) else None
+            if not isinstance(text, str):
                 found = "not JSON" if record is None else f"got {line.strip()[:60]}"
                 raise DataError(
-                    f'--prompts-file {prompts_file}:{number}: expected a JSON object with a "prompt" string, {found}'
+                    f'--prompts-file {prompts_file}:{number}: expected a JSON object with a "prompt" (or "source") '
+                    f"string, {found}"
                 )
-            texts.append(record["prompt"])
+            texts.append(text)
             sample_id = record.get("id")
             if sample_id is not None and (isinstance(sample_id, bool) or not isinstance(sample_id, int | str)):
                 raise DataError(
@@ -71,10 +76,17 @@ def sample(
     sampler: Annotated[str | None, typer.Option(help="euler (ode) | heun | sde")] = None,
     cfg: Annotated[float | None, typer.Option("--cfg", "--guidance", help="classifier-free guidance scale")] = None,
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
-    prompt: Annotated[list[str] | None, typer.Option(help="prompt to continue / condition on, repeatable")] = None,
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option("--prompt", "--source", help="prompt to continue / source to condition on, repeatable"),
+    ] = None,
     prompts_file: Annotated[
         Path | None,
-        typer.Option(help='JSONL file of {"prompt": ..., "id": ...} objects; an id keys the sample\'s noise seed'),
+        typer.Option(
+            "--prompts-file",
+            "--input",
+            help='JSONL of {"prompt" or "source": ..., "id": ...} objects; an id keys the sample\'s noise seed',
+        ),
     ] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="tokens to generate per prompt")] = None,
     temperature: Annotated[float | None, typer.Option(help="0 = argmax")] = None,

@@ -111,3 +111,17 @@ def test_bad_combinations_name_the_flags(tmp_path: Path) -> None:
     ):
         with pytest.raises(DataError, match=message):
             CliRunner().invoke(app, ["eval", *args, "-o", str(tmp_path)], catch_exceptions=False)
+
+
+def test_cdlm_sample_takes_sources_and_an_input_file(seq2seq_run: Path, tmp_path: Path) -> None:
+    rows = [{"id": 4, "source": "assert", "target": "The assert statement"}, {"source": "import"}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["sample", "-c", str(seq2seq_run), "--steps", "2"]
+    by_file = CliRunner().invoke(app, [*common, "--input", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "a.jsonl")])
+    assert by_file.exit_code == 0, by_file.output
+    by_flag = CliRunner().invoke(app, [*common, "--source", "assert", "--source", "import", "-o", str(tmp_path / "b")])
+    assert by_flag.exit_code == 0, by_flag.output
+    a = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (tmp_path / "b").read_text().splitlines()]
+    assert [r["prompt"] for r in a] == ["assert", "import"] and [r.get("id") for r in a] == [4, None]
+    assert [r["ids"] for r in a] == [r["ids"] for r in b]  # ELF seeds from sample.seed: ids do not change its noise
