@@ -81,10 +81,19 @@ class SampleConfig(Section):
     num_samples: PositiveInt = 4
     batch_size: PositiveInt = 16
     steps: PositiveInt = 32
-    sampler: Literal["euler", "heun", "sde"] = "sde"
-    grid: Literal["uniform", "logit_normal"] = "logit_normal"
+    sampler: Literal["euler", "heun", "midpoint", "dpm2m", "sde"] = Field(
+        "sde",
+        description="euler; heun / midpoint (2 evaluations per step); dpm2m (second-order multistep for "
+        "x-prediction, 1 evaluation per step); sde (ELF's back-off sampler)",
+    )
+    grid: Literal["uniform", "logit_normal", "logit_normal_quantiles", "shifted"] = Field(
+        "logit_normal",
+        description="uniform; logit_normal (inner times drawn per batch, ELF spec §4.1); logit_normal_quantiles "
+        "(the same density, deterministic); shifted (uniform warped toward noise by grid_shift)",
+    )
     grid_mean: float = Field(-1.5, description="logit-normal grid location (ELF spec §4.1)")
     grid_std: PositiveFloat = 0.8
+    grid_shift: PositiveFloat = Field(1.0, description="shifted grid: > 1 spends more steps near the noise end")
     churn: NonNegativeFloat = Field(1.5, description="SDE γ: back-off per unit time (ELF spec §4.3)")
     cfg: float = Field(1.0, description="classifier-free guidance scale; 1 disables it")
     self_cond_scale: float = Field(3.0, description="self-conditioning guidance scale w (ELF SC-CFG)")

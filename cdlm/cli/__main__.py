@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from cdlm.cli import convert, recipes, sample, train
+from cdlm.cli import convert, distill, recipes, sample, train
 from cdlm.cli import eval as evaluate
 from cdlm.errors import CdlmError
 
@@ -23,6 +23,7 @@ app.command("train")(train.train)
 app.command("sample")(sample.sample)
 app.command("convert")(convert.convert)
 app.command("eval")(evaluate.eval_)
+app.command("distill")(distill.distill)
 app.add_typer(recipes.app, name="recipes")
 
 

@@ -64,30 +64,85 @@ def logit_normal(n: int, generator: torch.Generator, mean: float = -1.5, std: fl
     return torch.cat([torch.zeros(1), inner, torch.ones(1)])  # (n + 1,)
 
 
-def check_grid(grid: Tensor) -> None:
-    """Check that ``grid`` is a 1-D grid of at least two times, strictly increasing, within [0, 1].
+def shifted(n: int, shift: float) -> Tensor:
+    """Return the uniform grid warped toward the noise end by ``shift`` (the resolution-shift of SD3-style flows).
+
+    With noise level ``σ = 1 − t``, each uniform ``σ`` becomes ``shift·σ / (1 + (shift − 1)·σ)``: ``shift > 1``
+    spends more steps near the noise end, ``shift < 1`` near the data end, ``shift = 1`` is :func:`uniform`.
 
     Args:
-        grid: (n + 1,) float times.
+        n: number of steps, at least 1.
+        shift: positive warp factor.
+
+    Returns:
+        (n + 1,) fp32 grid from 0 to 1 (endpoints exact).
+
+    Raises:
+        DataError: ``n`` is not a positive integer or ``shift`` is not positive.
+    """
+    _check_steps(n)
+    if not shift > 0:
+        raise DataError(f"time grid: expected a positive shift, got {shift!r}")
+    sigma = 1.0 - torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)  # (n + 1,) noise levels 1 → 0
+    warped = shift * sigma / (1.0 + (shift - 1.0) * sigma)
+    return (1.0 - warped).float()
+
+
+def logit_normal_quantiles(n: int, mean: float = -1.5, std: float = 0.8) -> Tensor:
+    """Return the deterministic logit-normal grid: inner times at the quantiles ``j / n`` of ``sigmoid(N(mean, std²))``.
+
+    The expectation-free counterpart of :func:`logit_normal`: the same density of steps, no draws, so every batch
+    shares one grid.
+
+    Args:
+        n: number of steps, at least 1.
+        mean: location of the logit.
+        std: scale of the logit.
+
+    Returns:
+        (n + 1,) fp32 grid ``[0, sigmoid(mean + std·Φ⁻¹(j / n)) for j = 1..n − 1, 1]``.
+
+    Raises:
+        DataError: ``n`` is not a positive integer.
+    """
+    _check_steps(n)
+    quantiles = torch.arange(1, n, dtype=torch.float64) / n  # (n − 1,)
+    inner = torch.sigmoid(mean + std * torch.special.ndtri(quantiles))
+    return torch.cat([torch.zeros(1, dtype=torch.float64), inner, torch.ones(1, dtype=torch.float64)]).float()
+
+
+def check_grid(grid: Tensor) -> None:
+    """Check that ``grid`` holds at least two times per row, strictly increasing, within [0, 1].
+
+    Args:
+        grid: (n + 1,) float times shared by every row, or (B, n + 1) one grid per row.
 
     Raises:
         DataError: the grid has the wrong shape or dtype, or the message names the offending entries.
     """
-    if grid.dim() != 1 or grid.numel() < 2 or not grid.is_floating_point():
+    if grid.dim() not in (1, 2) or grid.shape[-1] < 2 or grid.numel() == 0 or not grid.is_floating_point():
         raise DataError(
-            f"time grid: expected a 1-D float tensor of at least 2 times, got shape {tuple(grid.shape)} {grid.dtype}"
+            "time grid: expected a float tensor (n + 1,) or (B, n + 1) of at least 2 times per row, got shape "
+            f"{tuple(grid.shape)} {grid.dtype}"
         )
     values = grid.detach().double().cpu()
-    outside = torch.nonzero((values < 0) | (values > 1) | values.isnan()).flatten().tolist()
+    outside = torch.nonzero((values < 0) | (values > 1) | values.isnan()).tolist()
     if outside:
-        found = ", ".join(f"grid[{i}] = {values[i].item():.7g}" for i in outside[:8])
+        found = ", ".join(f"grid{_at(i)} = {values[tuple(i)].item():.7g}" for i in outside[:8])
         raise DataError(f"time grid: expected every time within [0, 1]; found {found}")
-    stalls = torch.nonzero(values[1:] <= values[:-1]).flatten().tolist()
+    stalls = torch.nonzero(values[..., 1:] <= values[..., :-1]).tolist()
     if stalls:
         found = ", ".join(
-            f"grid[{i}] = {values[i].item():.7g} ≥ grid[{i + 1}] = {values[i + 1].item():.7g}" for i in stalls[:8]
+            f"grid{_at(i)} = {values[tuple(i)].item():.7g} ≥ grid{_at(i, 1)} = "
+            f"{values[tuple(i[:-1]) + (i[-1] + 1,)].item():.7g}"
+            for i in stalls[:8]
         )
         raise DataError(f"time grid: expected strictly increasing times; found {found}")
+
+
+def _at(index: list[int], shift: int = 0) -> str:
+    """Format a grid index ``[j]`` or ``[b, j]``, with the last coordinate shifted by ``shift``."""
+    return str([*index[:-1], index[-1] + shift])
 
 
 def _check_steps(n: int) -> None:

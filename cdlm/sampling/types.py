@@ -35,16 +35,16 @@ class StepInfo:
 
     Attributes:
         index: step index, 0-based.
-        t: core time at the start of the step.
-        t_next: core time at the end of the step.
+        t: core time at the start of the step; (B,) per-row times when the grid is per row.
+        t_next: core time at the end of the step; (B,) per-row times when the grid is per row.
         z: (B, N, C) fp32 state after the step.
         pred: the last prediction of the step.
         nfe: network evaluations so far.
     """
 
     index: int
-    t: float
-    t_next: float
+    t: float | Tensor
+    t_next: float | Tensor
     z: Tensor
     pred: Prediction
     nfe: int

@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 
 from cdlm.config import RunConfig
-from cdlm.interfaces import Method, MethodSpec
+from cdlm.interfaces import Method, MethodSpec, Objective
+from cdlm.training.distill import Teacher
 from cdlm_elf.config import ElfConfig
+from cdlm_elf.distill import ElfDistillObjective
 from cdlm_elf.embedder import T5Embedder
 from cdlm_elf.model import ElfDecoder, ElfDenoiser, ElfTransformer
 from cdlm_elf.objective import ElfObjective
@@ -26,17 +28,43 @@ def build(config: RunConfig) -> Method:
     embedder = T5Embedder(cfg)
     network = ElfTransformer(cfg, generator=torch.Generator().manual_seed(config.seed))  # spec §1.4 init
     denoiser, decoder, schedule = ElfDenoiser(network), ElfDecoder(network), ElfSchedule(cfg)
+    pad_token = config.data.pad_token
+    objective: Objective = ElfObjective(cfg, embedder, network, schedule.flow, pad_token=pad_token)
+    if cfg.distill is not None:  # a progressive-distillation student (spec §8); the teacher is read on first use
+        objective = ElfDistillObjective(cfg, embedder, network, schedule, Teacher(cfg.distill), pad_token=pad_token)
     return Method(
         embedder=embedder,
         denoiser=denoiser,
         schedule=schedule,
         discretizer=decoder,
-        objective=ElfObjective(cfg, embedder, network, schedule.flow, pad_token=config.data.pad_token),
-        pipeline=ElfPipeline(cfg, denoiser, decoder, schedule, embedder, eos_id=cfg.eos_id, pad_id=cfg.pad_id),
+        objective=objective,
+        pipeline=ElfPipeline(
+            cfg,
+            denoiser,
+            decoder,
+            schedule,
+            embedder,
+            eos_id=cfg.eos_id,
+            pad_id=cfg.pad_id,
+            conditional=config.data.source_field is not None,
+        ),
         vocab_size=cfg.vocab_size,
         trainable={"network": network},
         frozen={"embedder": embedder},
     )
+
+
+def check(config: RunConfig) -> list[tuple[tuple[str, ...], str]]:
+    """Cross-section rules of ELF recipes: rows of exactly ``model.max_length`` tokens (RoPE tables, spec §1.2)."""
+    if config.data.seq_len != config.model.max_length:
+        return [
+            (
+                ("data.seq_len", "model.max_length"),
+                f"{config.data.seq_len} differs from model.max_length {config.model.max_length}; ELF reads rows of "
+                "exactly model.max_length tokens: set both to the same value",
+            )
+        ]
+    return []
 
 
 spec = MethodSpec(
@@ -46,4 +74,5 @@ spec = MethodSpec(
     build=build,
     state_dict_adapters={"lillian039/ELF": ElfStateDictAdapter},
     released_formats=(ElfOfficialCheckpoint(),),
+    check=check,
 )

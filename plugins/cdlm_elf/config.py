@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 
 from cdlm.config import Section
+from cdlm.training.distill import DistillConfig
 
 
 class EncoderConfig(Section):
@@ -62,3 +63,5 @@ class ElfConfig(Section):
     self_cond_cfg_min: NonNegativeFloat = 0.5
     self_cond_cfg_max: NonNegativeFloat = 5.0
     label_drop_prob: float = Field(0.0, ge=0.0, le=1.0)
+    # progressive distillation (spec §8): set to train this network as a student of a frozen teacher
+    distill: DistillConfig | None = None

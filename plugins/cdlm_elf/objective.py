@@ -57,6 +57,26 @@ def _logit_normal(logits: Tensor, mean: float, std: float) -> Tensor:
     return torch.sigmoid(logits * std + mean)
 
 
+def decoder_input(x0: Tensor, lam: Tensor, eps_dec: Tensor, cfg: ElfConfig) -> Tensor:
+    """Return the decoder rows' input ``λ·x0 + (1 − λ)·ε_d·scale`` (B, L, C), λ per token (spec §3.3 step 5).
+
+    Args:
+        x0: (B, L, C) clean latents.
+        lam: (B·L,) N(0, 1) logits of λ.
+        eps_dec: (B, L, C) N(0, 1) decoder noise, before ×``decoder_noise_scale``.
+        cfg: the ELF config (``decoder_p_mean``, ``decoder_p_std``, ``decoder_noise_scale``).
+    """
+    B, L, _ = x0.shape
+    lam = _logit_normal(lam, cfg.decoder_p_mean, cfg.decoder_p_std).view(B, L, 1)  # (B, L, 1)
+    return lam * x0 + (1 - lam) * (eps_dec * cfg.decoder_noise_scale)
+
+
+def sc_scale(r: Tensor, cfg: ElfConfig) -> Tensor:
+    """Map U[0, 1) draws r (B,) to SC-CFG scales w with 1 + w log-uniform on [1 + min, 1 + max] (spec §3.2 step 7)."""
+    low, high = 1 + cfg.self_cond_cfg_min, 1 + cfg.self_cond_cfg_max
+    return low * torch.exp(r * math.log(high / low)) - 1  # (B,)
+
+
 def _combine(ce: Tensor, l2: Tensor, loss_mask: Tensor, dec: Tensor) -> LossOutput:
     """Mix the per-token losses (B, L) by row kind (dec (B,), 1 = CE row) over one denominator Σ loss_mask."""
     ce_mask, l2_mask = loss_mask * dec[:, None], loss_mask * (1 - dec[:, None])  # (B, L)
@@ -150,14 +170,12 @@ class ElfObjective(Objective):
         if drop is not None:  # step 4: dropped rows lose their condition latents in z and x0
             keep = ~(drop[:, None] & cond_mask)[..., None]  # (B, L, 1)
             z, x0 = z * keep, x0 * keep
-        lam = _logit_normal(draws.lam, cfg.decoder_p_mean, cfg.decoder_p_std).view(B, L, 1)  # λ per token
-        z_dec = lam * x0 + (1 - lam) * (draws.eps_dec * cfg.decoder_noise_scale)  # (B, L, C), step 5, no restore
+        z_dec = decoder_input(x0, draws.lam, draws.eps_dec, cfg)  # (B, L, C), step 5, no restore
         v_target = flow.velocity_from_x(x0, z, t)  # (B, L, C), step 6
 
         dec = draws.dec  # (B,) 1 = decoder row
         use_sc = (draws.use_sc < cfg.self_cond_prob).float()[:, None, None]  # (B, 1, 1)
-        low, high = 1 + cfg.self_cond_cfg_min, 1 + cfg.self_cond_cfg_max
-        w = low * torch.exp(draws.sc_scale * math.log(high / low)) - 1  # (B,) 1 + w log-uniform on [low, high]
+        w = sc_scale(draws.sc_scale, cfg)  # (B,)
         cond = ElfCond(sc_scale=w, values=x0, mask=cond_mask)
         row = dec[:, None, None]  # (B, 1, 1)
 
@@ -172,7 +190,8 @@ class ElfObjective(Objective):
 
         t_mix = dec + (1 - dec) * t  # (B,) decoder rows at t = 1, step 9
         z_mix = row * z_dec + (1 - row) * z  # (B, L, C)
-        out, logits = self.network(torch.cat([z_mix, sc_half], dim=-1), t_mix, w, decode_gate=dec)
+        rows = dec.nonzero().squeeze(1)  # (K,) decoder rows: the only ones whose logits reach the loss
+        out, logits = self.network(torch.cat([z_mix, sc_half], dim=-1), t_mix, w, decode_gate=dec, logit_rows=rows)
         assert logits is not None  # decode_gate is a tensor, so the decoder head ran
 
         target = v_target
@@ -183,7 +202,9 @@ class ElfObjective(Objective):
             target = v_target + use_sc * (1 - 1 / w)[:, None, None] * (v_c - v_u)
 
         # step 11: per-token losses in fp32; decoder rows' l2 also uses (z, t) but is masked out
-        ce = F.cross_entropy(logits.float().flatten(0, 1), batch.ids.flatten(), reduction="none").view(B, L)
+        # CE only on decoder rows (K, L); the other rows' CE is 0 and masked out, as it was when computed in full
+        ce_rows = F.cross_entropy(logits.float().flatten(0, 1), batch.ids[rows].flatten(), reduction="none")
+        ce = torch.zeros(B, L, device=ce_rows.device).index_copy(0, rows, ce_rows.view(-1, L))  # (B, L)
         l2 = (flow.velocity_from_x(out.float(), z, t) - target).pow(2).mean(dim=-1)  # (B, L)
         return _combine(ce, l2, loss_mask, dec)
 

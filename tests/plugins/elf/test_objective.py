@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,28 +19,7 @@ from cdlm_elf.model import ElfTransformer
 from cdlm_elf.objective import ElfDraws, ElfObjective
 from cdlm_elf.state_dict import ElfStateDictAdapter
 from conftest import shared_path
-from elf_fixture import fixture_config
-
-
-def _config(fixtures: Path, train: dict) -> ElfConfig:
-    return fixture_config(
-        encoder=EncoderConfig(pretrained=str(fixtures / "t5_encoder")),
-        latent_mean=train["latent_mean"],
-        latent_std=train["latent_std"],
-        noise_scale=train["denoiser_noise_scale"],
-        t_eps=train["t_eps"],
-        time_schedule=train["time_schedule"],
-        p_mean=train["denoiser_p_mean"],
-        p_std=train["denoiser_p_std"],
-        decoder_prob=train["decoder_prob"],
-        decoder_p_mean=train["decoder_p_mean"],
-        decoder_p_std=train["decoder_p_std"],
-        decoder_noise_scale=train["decoder_noise_scale"],
-        self_cond_prob=train["self_cond_prob"],
-        self_cond_cfg_min=train["self_cond_cfg_min"],
-        self_cond_cfg_max=train["self_cond_cfg_max"],
-        label_drop_prob=train["label_drop_prob"],
-    )
+from elf_fixture import objective_config
 
 
 class _Case:
@@ -53,7 +31,7 @@ class _Case:
         self.meta = json.loads((fixtures / f"{name}.json").read_text())
         self.data = load_file(fixtures / f"{name}.safetensors")
         train = self.meta["train_config"]
-        self.cfg = _config(fixtures, train)
+        self.cfg = objective_config(train)
         self.adapter = ElfStateDictAdapter(self.cfg)
         self.model = nn.ModuleDict({"network": ElfTransformer(self.cfg)})  # keys `network.…`, as the Method
         self.model.load_state_dict(self.adapter.from_official(load_file(fixtures / "model.safetensors")))

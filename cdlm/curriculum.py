@@ -1,0 +1,160 @@
+"""The progressive-distillation curriculum behind ``cdlm distill`` (ELF spec §8 "Curriculum").
+
+Rounds of :func:`cdlm.train`, each halving the student's steps and starting from the previous round's EMA weights.
+
+Round 1 starts from the teacher's EMA weights; the teacher stays the same in every round. A round is one stage of
+a staged config: the stages of ``recipe`` when given, otherwise generated from the teacher's own config
+(``model.distill.steps`` student steps in round 1, halved each round, with ``steps × teacher_steps`` teacher
+sub-steps over the whole path kept constant). Each round trains into ``OUTPUT_DIR/<stage name>`` as a run of its
+own (rerun to resume), with the teacher's tokenizer.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cdlm.config import RunConfig
+from cdlm.data.tokenize import TOKENIZER_FILE
+from cdlm.errors import RecipeError
+from cdlm.export import write_checkpoint_dir
+from cdlm.loading import load_source_tokenizer, load_weights, read_source
+from cdlm.recipes import load_recipe, raw_config, stage_config, with_overrides
+from cdlm.runs import build
+from cdlm.runs import train as train_run
+from cdlm.training.distill import DistillConfig
+from cdlm.training.loop import TrainResult
+
+INIT_DIR = "init"  # a round's starting weights (the teacher's or the previous round's EMA), under the round's run
+
+
+def curriculum(first_steps: int, teacher_steps: int, rounds: int) -> list[dict[str, Any]]:
+    """Return ``rounds`` stages halving the student steps from ``first_steps``, teacher resolution kept constant.
+
+    Raises:
+        RecipeError: more rounds than halvings of ``first_steps`` down to 1 step.
+    """
+    resolution = first_steps * teacher_steps  # teacher sub-steps over the whole path (64 in the reference)
+    if rounds < 1 or first_steps >> (rounds - 1) < 1:
+        raise RecipeError(
+            f"--rounds {rounds}: expected 1 to {first_steps.bit_length()} rounds (each halves the "
+            f"model.distill.steps={first_steps} student steps, down to 1)"
+        )
+    stages = []
+    for k in range(rounds):
+        steps = first_steps >> k
+        overrides = {"model": {"distill": {"steps": steps, "teacher_steps": resolution // steps}}}
+        stages.append({"name": f"round{k + 1}_{steps}step", "overrides": {**overrides, "sample": {"steps": steps}}})
+    return stages
+
+
+def plan(
+    teacher: str | Path, *, rounds: int | None = None, recipe: str | Path | None = None, overrides: Sequence[str] = ()
+) -> RunConfig:
+    """Return the staged config of a distillation run: one stage per round, ``model.distill.teacher`` set.
+
+    Args:
+        teacher: anything :func:`cdlm.load_pretrained` reads.
+        rounds: keep the first ``rounds`` rounds (all of the recipe's; 5 when generated, as the reference).
+        recipe: a staged distillation recipe (``elf-tiny-pd``) whose model builds the teacher's architecture;
+            None: the teacher's own config with a generated curriculum.
+        overrides: ``KEY=VALUE`` overrides (``train.steps=200``, ``stages.NAME.KEY=VALUE``).
+
+    Raises:
+        RecipeError: the method has no ``model.distill`` section, or ``rounds`` does not fit the curriculum.
+    """
+    base = load_recipe(recipe) if recipe is not None else read_source(teacher).config
+    raw = raw_config(base)
+    if "distill" not in raw["model"]:
+        raise RecipeError(
+            f"method {base.method!r}: its model section has no 'distill' field, so it cannot be distilled; a plugin "
+            "opts in with `distill: DistillConfig | None` (cdlm.training.distill)"
+        )
+    settings = DistillConfig.model_validate(raw["model"]["distill"] or {})
+    raw["model"]["distill"] = {**settings.model_dump(mode="json"), "teacher": str(teacher)}
+    if not raw.get("stages"):
+        raw["stages"] = curriculum(settings.steps, settings.teacher_steps, rounds or 5)
+    elif rounds is not None:
+        if not 1 <= rounds <= len(raw["stages"]):
+            raise RecipeError(f"--rounds {rounds}: the recipe has {len(raw['stages'])} rounds (stages)")
+        raw["stages"] = raw["stages"][:rounds]
+    return with_overrides(raw, overrides)
+
+
+def distill(
+    teacher: str | Path,
+    output_dir: str | Path,
+    *,
+    rounds: int | None = None,
+    recipe: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    on_log: Callable[[dict[str, float]], None] | None = None,
+    on_status: Callable[[str], None] | None = None,
+    on_stage: Callable[[str, int], None] | None = None,
+) -> TrainResult:
+    """Distil ``teacher`` into a few-step student, round by round (see the module docstring and :func:`plan`).
+
+    Args:
+        teacher: the frozen teacher (a run, checkpoint, ``save_pretrained`` or released directory, or hub id).
+        output_dir: each round trains into ``output_dir/<round name>``; sample the last one.
+        rounds: number of rounds (see :func:`plan`).
+        recipe: a staged distillation recipe, or None for the teacher's config (see :func:`plan`).
+        overrides: ``KEY=VALUE`` overrides of every round (``stages.NAME.KEY=VALUE`` for one round).
+        on_log: called with every logged metrics record.
+        on_status: called with one-line news (data phases, resumes, round starts).
+        on_stage: called as each round starts with its name and its ``train.steps``.
+
+    Returns:
+        The last round's result (or the round a SIGINT, SIGTERM or time limit stopped).
+    """
+    config = plan(teacher, rounds=rounds, recipe=recipe, overrides=overrides)
+    out = Path(output_dir)
+    start: str | Path = teacher
+    result = None
+    for stage in config.stages:
+        round_cfg = stage_config(config, stage.name)
+        run_dir = out / stage.name
+        init = _ema_as_weights(start, run_dir / INIT_DIR, round_cfg)
+        round_cfg = round_cfg.model_copy(update={"train": round_cfg.train.model_copy(update={"init_from": str(init)})})
+        _share_tokenizer(teacher, run_dir)
+        if on_stage is not None:
+            on_stage(stage.name, round_cfg.train.steps)
+        result = train_run(round_cfg, run_dir, on_log=on_log, on_status=on_status)
+        if result.stopped:
+            break
+        start = run_dir
+    assert result is not None  # plan() gives at least one round
+    return result
+
+
+def _ema_as_weights(source: str | Path, directory: Path, config: RunConfig) -> Path:
+    """Write ``source``'s EMA weights (its raw ones where it has none) as the weights of a checkpoint directory.
+
+    ``train.init_from`` loads a checkpoint's raw weights; a round starts from the EMA (spec §8), so the EMA is
+    written as the weights. Frozen modules the build loads itself (a pretrained encoder) are written too.
+    """
+    if (directory / "model.safetensors").is_file():
+        return directory  # a rerun resumes the round: its start is already written
+    src = read_source(source)
+    method = build(src.config)
+    load_weights(method, src, use_ema=src.ema is not None)
+    weights = {key: value.detach().cpu() for key, value in method.modules().state_dict().items()}
+    return write_checkpoint_dir(
+        directory,
+        config=config,
+        weights=weights,
+        ema=None,
+        tokenizer=load_source_tokenizer(src),
+        step=src.step,
+        source=f"EMA of {source}",
+    )
+
+
+def _share_tokenizer(teacher: str | Path, run_dir: Path) -> None:
+    """Put the teacher's trained BPE in ``run_dir`` so the round trains on the teacher's token ids."""
+    trained = read_source(teacher).tokenizer_dir / TOKENIZER_FILE
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if trained.is_file() and not (run_dir / TOKENIZER_FILE).is_file():
+        shutil.copyfile(trained, run_dir / TOKENIZER_FILE)
