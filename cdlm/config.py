@@ -63,7 +63,12 @@ class TrainConfig(Section):
     keep_last: PositiveInt = 3
     trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
     init_from: str | None = Field(
-        None, description="run or checkpoint directory whose model weights initialise a fresh run (earlier stage)"
+        None,
+        description="what initialises a fresh run's weights: anything cdlm sample --checkpoint reads (a run, a "
+        "checkpoint, a released checkpoint, a hub id); stages default to the previous stage",
+    )
+    init_weights: Literal["raw", "ema"] = Field(
+        "raw", description="which weights of init_from a fresh run starts from (progressive distillation: ema)"
     )
     max_minutes: PositiveFloat | None = Field(
         None,

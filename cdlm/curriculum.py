@@ -19,15 +19,11 @@ from typing import Any
 from cdlm.config import RunConfig
 from cdlm.data.tokenize import TOKENIZER_FILE
 from cdlm.errors import RecipeError
-from cdlm.export import write_checkpoint_dir
-from cdlm.loading import load_source_tokenizer, load_weights, read_source
+from cdlm.loading import read_source
 from cdlm.recipes import load_recipe, raw_config, stage_config, with_overrides
-from cdlm.runs import build
 from cdlm.runs import train as train_run
 from cdlm.training.distill import DistillConfig
 from cdlm.training.loop import TrainResult
-
-INIT_DIR = "init"  # a round's starting weights (the teacher's or the previous round's EMA), under the round's run
 
 
 def curriculum(first_steps: int, teacher_steps: int, rounds: int) -> list[dict[str, Any]]:
@@ -116,8 +112,8 @@ def distill(
     for stage in config.stages:
         round_cfg = stage_config(config, stage.name)
         run_dir = out / stage.name
-        init = _ema_as_weights(start, run_dir / INIT_DIR, round_cfg)
-        round_cfg = round_cfg.model_copy(update={"train": round_cfg.train.model_copy(update={"init_from": str(init)})})
+        start_from = {"init_from": str(start), "init_weights": "ema"}  # a round starts from the EMA (spec §8)
+        round_cfg = round_cfg.model_copy(update={"train": round_cfg.train.model_copy(update=start_from)})
         _share_tokenizer(teacher, run_dir)
         if on_stage is not None:
             on_stage(stage.name, round_cfg.train.steps)
@@ -127,29 +123,6 @@ def distill(
         start = run_dir
     assert result is not None  # plan() gives at least one round
     return result
-
-
-def _ema_as_weights(source: str | Path, directory: Path, config: RunConfig) -> Path:
-    """Write ``source``'s EMA weights (its raw ones where it has none) as the weights of a checkpoint directory.
-
-    ``train.init_from`` loads a checkpoint's raw weights; a round starts from the EMA (spec §8), so the EMA is
-    written as the weights. Frozen modules the build loads itself (a pretrained encoder) are written too.
-    """
-    if (directory / "model.safetensors").is_file():
-        return directory  # a rerun resumes the round: its start is already written
-    src = read_source(source)
-    method = build(src.config)
-    load_weights(method, src, use_ema=src.ema is not None)
-    weights = {key: value.detach().cpu() for key, value in method.modules().state_dict().items()}
-    return write_checkpoint_dir(
-        directory,
-        config=config,
-        weights=weights,
-        ema=None,
-        tokenizer=load_source_tokenizer(src),
-        step=src.step,
-        source=f"EMA of {source}",
-    )
 
 
 def _share_tokenizer(teacher: str | Path, run_dir: Path) -> None:

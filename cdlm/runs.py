@@ -129,7 +129,8 @@ def _train_one(
     method = build(config)
     _check_vocab(data.tokenizer, method, f"data.tokenizer={config.data.tokenizer!r}")
     if config.train.init_from is not None:
-        load_weights(method, read_source(config.train.init_from), use_ema=False)
+        init = read_source(config.train.init_from)
+        load_weights(method, init, use_ema=config.train.init_weights == "ema" and init.ema is not None)
     yaml_text = to_yaml(config)
     return loop.train(config, method, run_dir, data.rows, config_yaml=yaml_text, on_log=on_log, on_status=on_status)
 
