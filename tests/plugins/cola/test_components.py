@@ -22,6 +22,7 @@ from cdlm_cola.schedule import ColaSchedule
 from cdlm_cola.state_dict import load_pretrained_dit, load_pretrained_vae
 from cdlm_cola.vae import ColaTextVAE
 from conftest import shared_path
+from parity import pin_reference_sinusoid
 
 ATOL = 1e-5
 SCALE, SHIFT = 1.3, 0.05  # the fixture VAE's scaling_factor / shifting_factor
@@ -39,6 +40,11 @@ def vae() -> ColaTextVAE:
 @pytest.fixture()
 def dit() -> ColaDiT:
     return load_pretrained_dit(shared_path("fixtures", "cola") / "cola_dit")
+
+
+@pytest.fixture(autouse=True)
+def _reference_time_embedding(monkeypatch: pytest.MonkeyPatch) -> None:
+    pin_reference_sinusoid(monkeypatch)  # the DiT embeds t ≤ 1000 as the fixture machine did, on any CPU (parity.py)
 
 
 def test_null_rows_drop_the_history_and_keep_the_repainted_positions() -> None:
