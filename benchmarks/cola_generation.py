@@ -85,6 +85,18 @@ def pipeline(vae: ColaTextVAE, dit: ColaDiT, path: str) -> ColaPipeline:
     return ColaPipeline(cfg, vae, dit, cfg_batching=cfg_batching, history=history, planning=planning)
 
 
+def make_request(batch: int, blocks: int, steps: int, block_size: int) -> GenerateRequest:
+    """The benchmark's request: ``batch`` prompts of 1 … 6 blocks (mid-block tails), CFG 7, greedy + penalty 1.1."""
+    gen = torch.Generator().manual_seed(1)
+    lengths = [int(n) for n in torch.randint(1, 6 * block_size, (batch,), generator=gen)]
+    prompts = [torch.randint(4, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+    settings = SampleConfig(
+        steps=steps, sampler="euler", grid="uniform", cfg=7.0, temperature=0.0, repetition_penalty=1.1,
+        max_new_tokens=blocks * block_size, batch_size=batch,
+    )  # fmt: skip
+    return GenerateRequest(batch, prompts, settings)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -100,14 +112,8 @@ def main() -> None:
     device = torch.device(args.device)
     vae, dit = build(args.size, device)
     bs = dit.config.block_size
-    gen = torch.Generator().manual_seed(1)
-    lengths = [int(n) for n in torch.randint(1, 6 * bs, (args.batch,), generator=gen)]  # mid-block tails: repaint
-    prompts = [torch.randint(4, VOCAB, (n,), generator=gen).tolist() for n in lengths]
-    settings = SampleConfig(
-        steps=args.steps, sampler="euler", grid="uniform", cfg=7.0, temperature=0.0, repetition_penalty=1.1,
-        max_new_tokens=args.blocks * bs, batch_size=args.batch,
-    )  # fmt: skip
-    request = GenerateRequest(args.batch, prompts, settings)
+    request = make_request(args.batch, args.blocks, args.steps, bs)
+    lengths = [len(p) for p in request.prompts]
 
     clock_name = args.clock or ("cpu" if device.type == "cpu" else "wall")
     clock = time.process_time if clock_name == "cpu" else time.perf_counter

@@ -76,17 +76,18 @@ class TokenEmbedding:
 
     Attributes:
         emb: (N, E) embeddings: N = ΣLq, one per row, or one per distinct timestep.
-        index: (ΣLq,) int64, the row of ``emb`` of every query row; None when ``emb`` has one per row.
+        index: (ΣLq,) int64, the row of ``emb`` of every query row; None when ``emb`` has one per row or N = 1.
+        heads: every AdaLN head's output on ``emb`` (N, out), made ahead (:meth:`ColaDiT.step`), or None.
     """
 
     emb: Tensor
     index: Tensor | None = None
+    heads: dict[nn.Module, Tensor] | None = None
 
-    def spread(self, x: Tensor) -> Tensor:
-        """Give x (N, …), computed row-wise from ``emb``, to every query row: (ΣLq, …), or (1, …) to broadcast."""
-        if self.index is None or x.shape[0] == 1:
-            return x
-        return x[self.index]
+    def head(self, module: nn.Module) -> Tensor:
+        """Return the AdaLN head ``module`` on every query row: (ΣLq, out), or (1, out) to broadcast."""
+        x = module(self.emb) if self.heads is None else self.heads[module]
+        return x if self.index is None else x[self.index]
 
 
 class AdaLN(nn.Module):
@@ -106,13 +107,13 @@ class AdaLN(nn.Module):
                 self.add_module(f"{name}_out", nn.Sequential(nn.SiLU(), nn.Linear(dim, dim)))
 
     def modulate(self, name: str, h: Tensor, norm: nn.Module, emb: TokenEmbedding) -> Tensor:
-        """Return ``norm(h)·(1 + scale) + shift`` (L, H); shift is the first half."""
-        shift, scale = emb.spread(getattr(self, f"{name}_in")(emb.emb)).chunk(2, dim=-1)
-        return norm(h) * (1 + scale) + shift
+        """Return ``norm(h)·(1 + scale) + shift`` (L, H), fused; shift is the first half."""
+        shift, scale = emb.head(getattr(self, f"{name}_in")).chunk(2, dim=-1)
+        return torch.addcmul(shift, norm(h), 1 + scale)
 
     def gate(self, name: str, h: Tensor, residual: Tensor, emb: TokenEmbedding) -> Tensor:
-        """Return ``h·gate + residual`` (L, H)."""
-        return h * emb.spread(getattr(self, f"{name}_out")(emb.emb)) + residual
+        """Return ``h·gate + residual`` (L, H), fused."""
+        return torch.addcmul(residual, h, emb.head(getattr(self, f"{name}_out")))
 
 
 class ColaDiTAttention(nn.Module):
@@ -167,56 +168,6 @@ class ColaDiTBlock(nn.Module):
         return self.ada.gate("mlp", m, h, emb)
 
 
-def per_token_timesteps(
-    timestep: Tensor | float, q_lens: list[int], dtype: torch.dtype, device: torch.device
-) -> Tensor:
-    """Broadcast a timestep to one per query row (spec §3.2 step 2).
-
-    Args:
-        timestep: a number or 0-d/(1,) tensor (all rows), (ΣLq,) per row, or (B,) per sample (repeated by
-            ``q_lens``). When B = ΣLq the per-row reading wins, as in the reference.
-        q_lens: queries per sample.
-        dtype: dtype given to a Python number (the trunk's dtype, as in the reference).
-        device: where the rows live.
-
-    Returns:
-        (ΣLq,) timesteps on the 0..1000 scale.
-
-    Raises:
-        DataError: the timestep has neither 1, ΣLq nor B entries.
-    """
-    t = torch.as_tensor(timestep, dtype=None if isinstance(timestep, Tensor) else dtype, device=device).reshape(-1)
-    n_rows = sum(q_lens)
-    if t.numel() == 1:
-        return t.expand(n_rows)
-    if t.numel() == n_rows:
-        return t
-    if t.numel() == len(q_lens):
-        return t.repeat_interleave(torch.tensor(q_lens, device=device))
-    raise DataError(f"timestep: expected 1, {n_rows} (per row) or {len(q_lens)} (per sample) values, got {t.numel()}")
-
-
-def _readers(use_kv_cache: bool | Sequence[bool], n_samples: int) -> list[bool]:
-    """Return one cache-reading flag per sample of a call (see :meth:`ColaDiT.forward`)."""
-    if isinstance(use_kv_cache, bool):
-        return [use_kv_cache] * n_samples
-    flags = [bool(f) for f in use_kv_cache]
-    if len(flags) != n_samples:
-        raise DataError(f"use_kv_cache: expected one flag per sample ({n_samples}), got {len(flags)}")
-    return flags
-
-
-def _check_overrides(n_k: int, n_q: int, k_pos: Tensor | None, q_pos: Tensor | None, mask: Tensor | None) -> None:
-    """Check explicit RoPE positions (ΣLk,), (ΣLq,) and a mask (…, ΣLq, ΣLk) against the call's lengths."""
-    if (k_pos is None) != (q_pos is None):
-        raise DataError("k_positions and q_positions must be given together (explicit RoPE positions)")
-    if k_pos is not None and q_pos is not None and (k_pos.shape != (n_k,) or q_pos.shape != (n_q,)):
-        found = (tuple(k_pos.shape), tuple(q_pos.shape))
-        raise DataError(f"k_positions / q_positions: expected shapes ({n_k},) / ({n_q},), got {found}")
-    if mask is not None and tuple(mask.shape[-2:]) != (n_q, n_k):
-        raise DataError(f"mask: expected (1, 1, {n_q}, {n_k}) for ΣLq = {n_q}, ΣLk = {n_k}, got {tuple(mask.shape)}")
-
-
 class ColaDiT(nn.Module):
     """``ColaDiTModel``: the block-causal flow-matching velocity field over latents (spec §3).
 
@@ -236,6 +187,7 @@ class ColaDiT(nn.Module):
         self.txt_out_ada = AdaLN(dim, ("out",), gated=False)
         self.txt_out = _Projection(dim, config.txt_out_channels)
         self._caches = [KVCache() for _ in self.blocks]
+        self._table: dict[float, tuple[Tensor, dict[nn.Module, Tensor]]] = {}  # timestep → (emb, AdaLN heads)
         self.init_weights(generator)
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -253,9 +205,10 @@ class ColaDiT(nn.Module):
                 module.reset_parameters()  # weight 1, bias 0
 
     def clear_cache(self) -> None:
-        """Forget every layer's KV history (the reference's ``set_kv_cache``)."""
+        """Forget every layer's KV history (the reference's ``set_kv_cache``) and :meth:`step`'s AdaLN table."""
         for cache in self._caches:
             cache.clear()
+        self._table.clear()
 
     def forward(
         self,
@@ -284,7 +237,8 @@ class ColaDiT(nn.Module):
                 classifier-free guidance forward.
             k_positions: (ΣLk,) explicit key RoPE positions (2L training); needs ``q_positions``.
             q_positions: (ΣLq,) explicit query RoPE positions.
-            mask: (1, 1, ΣLq, ΣLk) additive mask overriding the NA block-causal one (2L training).
+            mask: additive mask overriding the NA block-causal one (2L training): (1, 1, ΣLq, ΣLk), or per sample
+                (1 or B, 1, Lq, Lk) for samples of equal lengths, which then attend as a batch.
 
         Returns:
             (ΣLq, C) velocity.
@@ -293,12 +247,12 @@ class ColaDiT(nn.Module):
             DataError: inconsistent lengths, timesteps or positions.
         """
         k, q = layout.as_lengths(k_lens, "k_lens"), layout.as_lengths(q_lens, "q_lens")
-        readers = [True] * len(q) if update_kv else _readers(use_kv_cache, len(q))
+        readers = [True] * len(q) if update_kv else layout.cache_readers(use_kv_cache, len(q))
         layout.check_lengths(k, q, self._history(readers), txt.shape[0])
-        _check_overrides(sum(k), sum(q), k_positions, q_positions, mask)
+        batch = layout.check_overrides(k, q, k_positions, q_positions, mask)
         h = self.txt_in.proj(txt)  # (ΣLq, H)
-        emb = self.emb_in(per_token_timesteps(timestep, q, h.dtype, h.device), h.dtype)  # (ΣLq, H)
-        na = self._na(k, q, h, update_kv, k_positions, q_positions, mask)
+        emb = self.emb_in(layout.per_token_timesteps(timestep, q, h.dtype, h.device), h.dtype)  # (ΣLq, H)
+        na = replace(self._na(k, q, h, update_kv, k_positions, q_positions, mask), batch=batch)
         if not all(readers):
             na = replace(na, readers=readers)
         caches = self._caches if any(readers) else [None] * len(self.blocks)
@@ -308,35 +262,43 @@ class ColaDiT(nn.Module):
     def plan(self, k_lens: Lengths, q_lens: Lengths, *, use_kv_cache: bool | Sequence[bool] = True) -> BlockPlan:
         """Make once what the calls of a generation block share (rows and cache stay fixed): mask, RoPE, history.
 
-        :meth:`step` runs each call with it. The plan holds a copy of the history: make a new one after a commit.
+        :meth:`step` runs each call with it. The samples are laid out side by side, padded
+        (:func:`~cdlm_cola.layout.padded_block_layout`); the plan holds a copy of the history: make a new one
+        after a commit.
 
         Args:
             k_lens: keys per sample, as in :meth:`forward`.
-            q_lens: queries per sample.
+            q_lens: queries per sample, all equal (one block per row).
             use_kv_cache: which samples read their cached history, as in :meth:`forward`.
 
         Raises:
-            DataError: inconsistent lengths.
+            DataError: inconsistent or unequal lengths.
         """
         k, q = layout.as_lengths(k_lens, "k_lens"), layout.as_lengths(q_lens, "q_lens")
-        readers = _readers(use_kv_cache, len(q))
+        readers = layout.cache_readers(use_kv_cache, len(q))
         history = self._history(readers)
         layout.check_lengths(k, q, history, sum(q))
-        weight = self.txt_in.proj.weight
-        mask = layout.na_block_causal_mask(k, q, self.config.block_size, weight.dtype, weight.device)
-        attention = BlockAttention(self._rotary(layout.q_positions(k, q, weight.device)), mask)
+        if len(set(q)) > 1:
+            raise DataError(f"q_lens: a plan is for rows of one block each (equal q_lens), got {q}")
+        cfg, weight = self.config, self.txt_in.proj.weight
+        hist = history or [0] * len(q)
+        width, slots, mask = layout.padded_block_layout(hist, q[0], cfg.block_size, weight.dtype, weight.device)
+        bias = mask.repeat_interleave(cfg.heads, dim=0)  # (B·nh, n, W)
+        attention = BlockAttention(self._rotary(layout.q_positions(k, q, weight.device)), bias, q[0])
         if not history:
             return BlockPlan(q, attention, [None] * len(self.blocks))
-        rot_k, slots = self._rotary(layout.k_positions(k, weight.device)), layout.q_slots(k, q, weight.device)
-        rooms = (cache.with_room(q, readers) for cache in self._caches)  # (ΣLk, nh, hd) each
-        return BlockPlan(q, attention, [BlockKV(rot_k(keys), values, slots) for keys, values in rooms])
+        rot_k = self._rotary(layout.k_positions(hist, weight.device))  # (ΣH) history positions
+        flat = (cache.flat() for cache in self._caches)  # (ΣH, nh, hd) each
+        kv = [BlockKV.laid_out(rot_k(keys), values, slots, len(q), width) for keys, values in flat]
+        return BlockPlan(q, attention, kv)
 
     def step(self, txt: Tensor, timestep: Tensor | float, plan: BlockPlan) -> Tensor:
         """Predict the velocity of the rows a plan was made for, as :meth:`forward` does but faster.
 
-        The timestep embedding and every AdaLN head run once per distinct timestep (not per row), which moves
-        the result by a few float32 ulps (BLAS sums a 1-row product in another order); the mask, RoPE tables
-        and history come from the plan. For inference only: the plan's history is written in place.
+        The timestep embedding and every AdaLN head run once per distinct timestep value, kept until
+        :meth:`clear_cache` (a generation's blocks share their Euler grid); the mask, RoPE tables and history
+        come from the plan. Batched rows sum in another order than :meth:`forward`'s, which moves the result by
+        a few float32 ulps. For inference only: the plan's history is written in place.
 
         Args:
             txt: (ΣLq, C) query latents, samples concatenated as planned.
@@ -352,10 +314,25 @@ class ColaDiT(nn.Module):
         if txt.shape[0] != sum(plan.q_lens):
             raise DataError(f"txt: the plan is for {sum(plan.q_lens)} rows (q_lens {plan.q_lens}), got {txt.shape[0]}")
         h = self.txt_in.proj(txt)  # (ΣLq, H)
-        t = per_token_timesteps(timestep, plan.q_lens, h.dtype, h.device)  # (ΣLq,)
+        t = layout.per_token_timesteps(timestep, plan.q_lens, h.dtype, h.device)  # (ΣLq,)
         distinct, index = torch.unique(t, return_inverse=True)  # (U,), (ΣLq,)
-        emb = TokenEmbedding(self.emb_in(distinct, h.dtype), index)  # (U, H)
-        return self._trunk(h, emb, plan.attention, plan.kv)
+        return self._trunk(h, self._heads(distinct.tolist(), index, h.dtype), plan.attention, plan.kv)
+
+    @torch.no_grad()
+    def _heads(self, times: list[float], index: Tensor, dtype: torch.dtype) -> TokenEmbedding:
+        """Return the embedding of the distinct timesteps ``times`` with every AdaLN head made, from the table."""
+        missing = [t for t in times if t not in self._table]
+        if missing:
+            emb = self.emb_in(torch.tensor(missing, device=index.device), dtype)  # (M, E)
+            heads = [m for m in self.modules() if isinstance(m, AdaLN)]
+            outputs = {head: head(emb) for ada in heads for head in ada.children()}  # (M, out) each
+            for i, t in enumerate(missing):
+                self._table[t] = (emb[i : i + 1], {head: out[i : i + 1] for head, out in outputs.items()})
+        rows = [self._table[t] for t in times]
+        if len(rows) == 1:
+            return TokenEmbedding(rows[0][0], None, rows[0][1])
+        stacked = {head: torch.cat([r[1][head] for r in rows]) for head in rows[0][1]}  # (U, out) each
+        return TokenEmbedding(torch.cat([r[0] for r in rows]), index, stacked)
 
     def _trunk(self, h: Tensor, emb: TokenEmbedding, na: Attention, caches: Sequence[LayerKV]) -> Tensor:
         """Run the blocks and the output head on h (ΣLq, H); return the velocity (ΣLq, C)."""
@@ -391,8 +368,9 @@ class ColaDiT(nn.Module):
             k_positions, q_positions = layout.k_positions(k, device), layout.q_positions(k, q, device)
         if mask is None:
             mask = layout.na_block_causal_mask(k, q, cfg.block_size, h.dtype, device)
-        rot_q, rot_k = self._rotary(q_positions.to(device)), self._rotary(k_positions.to(device))
+        rot_q, rot_k = (self._rotary(p.to(device), whole_head=False) for p in (q_positions, k_positions))
         return NaAttention(q, rot_q, rot_k, mask, update_kv)
 
-    def _rotary(self, positions: Tensor) -> Rotary:
-        return Rotary.at(positions, self.config.rope_dim, ROPE_THETA, "interleaved")
+    def _rotary(self, positions: Tensor, whole_head: bool = True) -> Rotary:
+        width = self.config.head_dim if whole_head else None
+        return Rotary.at(positions, self.config.rope_dim, ROPE_THETA, "interleaved", width)

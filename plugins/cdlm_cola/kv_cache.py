@@ -4,8 +4,8 @@ Samples keep separate histories of different lengths; a read lays them out in th
 ``[cache_0 ; new_0 ; cache_1 ; new_1 ; …]`` so that every sample's new entries are the tail of its keys.
 What a key *is* when stored is the owner's choice: the DiT stores keys after qk-norm and before RoPE, the VAE
 raw keys before k_norm; RoPE (and the VAE's k_norm) is applied to the whole history at every call, except on
-the DiT's per-block fast path, where :class:`BlockKV` holds the history laid out (and its keys rotated) once for
-all the calls of one generation block.
+the DiT's per-block fast path, where :class:`BlockKV` holds the history laid out (padded, keys rotated) once
+for all the calls of one generation block.
 """
 
 from __future__ import annotations
@@ -71,39 +71,39 @@ class KVCache:
             self._k, self._v = full_k, full_v
         return torch.cat(full_k), torch.cat(full_v)
 
-    def with_room(self, q_lens: Sequence[int], readers: Sequence[bool] | None = None) -> tuple[Tensor, Tensor]:
-        """Return the history as a read of :meth:`extend` lays it out, with zeros where the new entries go.
-
-        Args:
-            q_lens: new entries per sample of the call.
-            readers: as in :meth:`extend`.
-
-        Returns:
-            New keys and values (ΣLk, …), per sample ``[cache_i ; 0 (q_len_i rows)]``; the cache must hold history.
-        """
-        n, k, v = sum(q_lens), self._k[0], self._v[0]
-        return self.extend(
-            k.new_zeros(n, *k.shape[1:]), v.new_zeros(n, *v.shape[1:]), q_lens, store=False, readers=readers
-        )
+    def flat(self) -> tuple[Tensor, Tensor]:
+        """Return every sample's history, concatenated in sample order: keys and values (ΣH, …)."""
+        return torch.cat(self._k), torch.cat(self._v)
 
 
 class BlockKV:
     """One layer's keys and values for every call of one generation block, whose history does not change.
 
-    The history is laid out once, in the call's NA order (:meth:`KVCache.with_room`), and each call writes its
-    new entries into their rows in place instead of concatenating the history again.
+    The history is laid out once in the padded per-block layout (:func:`~cdlm_cola.layout.padded_block_layout`),
+    heads first for batched matmuls: one row of W slots per sample and head, the last n of them for the call's
+    new entries, which each call writes in place instead of concatenating the history again.
 
     Args:
-        k: (ΣLk, …) history keys, in the form the owner attends with (the DiT's are already rotated).
-        v: (ΣLk, …) history values.
-        slots: (ΣLq,) int64, the rows of the new entries.
+        k: (B, nh, W, hd) keys, in the form the owner attends with (the DiT's are already rotated).
+        v: (B, nh, W, hd) values.
     """
 
-    def __init__(self, k: Tensor, v: Tensor, slots: Tensor) -> None:
-        self.k, self.v, self.slots = k, v, slots
+    def __init__(self, k: Tensor, v: Tensor) -> None:
+        self.k, self.v = k, v
+
+    @classmethod
+    def laid_out(cls, k: Tensor, v: Tensor, slots: Tensor, rows: int, width: int) -> BlockKV:
+        """Place the history (ΣH, nh, hd), samples concatenated, at ``slots`` (ΣH,) of a zero (B·W) key axis."""
+
+        def place(x: Tensor) -> Tensor:
+            flat = x.new_zeros(rows * width, *x.shape[1:]).index_copy_(0, slots, x)  # (B·W, nh, hd)
+            return flat.unflatten(0, (rows, width)).transpose(1, 2).contiguous()  # (B, nh, W, hd)
+
+        return cls(place(k), place(v))
 
     def fill(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write a call's new keys and values (ΣLq, …) into their slots; return all of them (ΣLk, …)."""
-        self.k.index_copy_(0, self.slots, k)
-        self.v.index_copy_(0, self.slots, v)
+        """Write a call's new keys and values (B, nh, n, hd) into the last n slots; return all (B, nh, W, hd)."""
+        n = k.shape[2]
+        self.k[:, :, -n:] = k
+        self.v[:, :, -n:] = v
         return self.k, self.v

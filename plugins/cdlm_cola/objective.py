@@ -50,8 +50,10 @@ from cdlm_cola.schedule import ColaSchedule
 from cdlm_cola.vae import ColaTextVAE, Posterior, VaeEncoding, posterior
 
 SAMPLES_PER_CALL = 4
-"""Samples per VAE / DiT call: NA attention is dense over a call's samples, so small groups keep a step linear
-in the batch size (same numbers as one call; see :func:`~cdlm_cola.objective_flow.sample_groups`)."""
+"""Samples per VAE call, and per DiT call when lengths differ: NA attention is dense over a call's samples, so
+small groups keep a step linear in the batch size (same numbers as one call; see
+:func:`~cdlm_cola.objective_flow.sample_groups`). DiT samples of equal length run as one batch instead
+(:meth:`~cdlm_cola.objective_flow.TwoLayout.run`)."""
 
 
 @dataclass(frozen=True)

@@ -134,12 +134,24 @@ class TwoLayout:
         )
 
     def run(self, dit: ColaDiT, samples_per_call: int | None = None) -> Tensor:
-        """Call the DiT on the layout, ``samples_per_call`` samples at a time (all at once when None).
+        """Call the DiT on the layout: samples of equal length as one batch, else ``samples_per_call`` at a time.
+
+        Equal lengths (fixed-length training rows) take one call with a per-sample mask, (1, 1, 2n, 2n), or
+        (B, 1, 2n, 2n) when block sizes differ: the samples attend as a batch, linear in B. Otherwise samples go
+        in NA groups (all at once when ``samples_per_call`` is None), whose mask is quadratic in a group's length.
 
         Returns:
             (Σ2n, C) the DiT output of every latent of both halves.
         """
         lens = [2 * n for n in self.seq_lens]
+        if len(set(lens)) == 1:
+            sizes = sorted(set(self.block_sizes))
+            if len(sizes) == 1:
+                mask = layout.twol_block_causal_mask(self.seq_lens[:1], sizes, self.txt.dtype, self.txt.device)
+            else:
+                mask = torch.cat([self.mask(slice(i, i + 1)) for i in range(len(lens))])  # (B, 1, 2n, 2n)
+            pos = self.positions
+            return dit(self.txt, lens, lens, self.timestep, k_positions=pos, q_positions=pos, mask=mask)
         bounds = torch.tensor([0, *lens]).cumsum(0).tolist()
         out = []
         for group in sample_groups(len(lens), samples_per_call):

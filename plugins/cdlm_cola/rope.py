@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from cdlm.errors import DataError
 
 RopeLayout = Literal["interleaved", "half"]
 """How rotated channels pair up: DiT ``interleaved`` (2j, 2j+1), VAE ``half`` (j, j + d/2)."""
@@ -45,13 +48,21 @@ def rope_angles(positions: Tensor, dim: int, theta: float, layout: RopeLayout) -
     return torch.cat([freqs, freqs], dim=-1)  # (L, dim)
 
 
-def _rotate(x: Tensor, layout: RopeLayout) -> Tensor:
-    """Return the partner of each channel with the sign of the rotation: (−x_odd, x_even) per pair."""
+def _swap(x: Tensor, layout: RopeLayout) -> Tensor:
+    """Return each channel's partner in its pair: ``(x_odd, x_even)`` per pair (the sign is in the sin table)."""
     if layout == "interleaved":
-        pairs = x.unflatten(-1, (-1, 2))  # (..., d/2, 2)
-        return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+        return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (..., d)
     first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
+    return torch.cat([second, first], dim=-1)
+
+
+def _signed(sin: Tensor, layout: RopeLayout) -> Tensor:
+    """Give the sines the rotation's sign: −sin on the first channel of every pair, so ``x·cos + swap(x)·sin``."""
+    if layout == "interleaved":
+        pairs = sin.unflatten(-1, (-1, 2))  # (L, d/2, 2)
+        return torch.stack([-pairs[..., 0], pairs[..., 1]], dim=-1).flatten(-2)
+    first, second = sin.chunk(2, dim=-1)
+    return torch.cat([-first, second], dim=-1)
 
 
 @dataclass(frozen=True)
@@ -60,7 +71,7 @@ class Rotary:
 
     Attributes:
         cos: (L, d) fp32 cosines of the angles.
-        sin: (L, d) fp32 sines.
+        sin: (L, d) fp32 sines with the rotation's sign: negative on the first channel of every pair.
         layout: channel pairing.
     """
 
@@ -69,16 +80,27 @@ class Rotary:
     layout: RopeLayout
 
     @classmethod
-    def at(cls, positions: Tensor, dim: int, theta: float, layout: RopeLayout) -> Rotary:
-        """Build the tables for ``positions`` (L,); see :func:`rope_angles`."""
+    def at(cls, positions: Tensor, dim: int, theta: float, layout: RopeLayout, width: int | None = None) -> Rotary:
+        """Build the tables for ``positions`` (L,); see :func:`rope_angles`.
+
+        ``width`` > dim (interleaved only) extends the tables over the whole head (cos 1, sin 0 past ``dim``), so
+        that a call needs no split and concatenation; the pass-through channels come out as ``x·1 + partner·0 = x``.
+        """
+        if width is not None and width > dim and layout != "interleaved":
+            raise DataError(f"Rotary.at: width {width} > dim {dim} needs the interleaved layout, got {layout!r}")
         angles = rope_angles(positions, dim, theta, layout)  # (L, d)
-        return cls(angles.cos(), angles.sin(), layout)
+        cos, sin = angles.cos(), _signed(angles.sin(), layout)
+        if width is not None and width > dim:
+            cos, sin = F.pad(cos, (0, width - dim), value=1.0), F.pad(sin, (0, width - dim))  # (L, width)
+        return cls(cos, sin, layout)
 
     def __call__(self, x: Tensor) -> Tensor:
         """Rotate the first d channels of x (L, nh, hd) in fp32; return x's dtype (L, nh, hd)."""
         d = self.cos.shape[-1]
         x32 = x.float()
-        rot, rest = x32[..., :d], x32[..., d:]
         cos, sin = self.cos[:, None, :], self.sin[:, None, :]  # (L, 1, d), broadcast over heads
-        out = rot * cos + _rotate(rot, self.layout) * sin
+        if d == x.shape[-1]:  # whole-head tables: no split
+            return torch.addcmul(x32 * cos, _swap(x32, self.layout), sin).to(x.dtype)
+        rot, rest = x32[..., :d], x32[..., d:]
+        out = rot * cos + _swap(rot, self.layout) * sin
         return torch.cat([out, rest], dim=-1).to(x.dtype)

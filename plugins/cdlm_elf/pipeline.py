@@ -16,7 +16,7 @@ from cdlm.interfaces import Embedder, GenerateOutput, GenerateRequest, Pipeline,
 from cdlm.sampling import grids
 from cdlm.sampling.guidance import classifier_free
 from cdlm.sampling.solvers import integrate
-from cdlm.sampling.tokens import select_tokens
+from cdlm.sampling.tokens import GREEDY_BELOW, select_tokens
 from cdlm.sampling.types import DenoiseFn, PredictFn, Prediction, SampleOutput, StepCallback
 from cdlm_elf.conditioning import ElfCond
 from cdlm_elf.config import ElfConfig
@@ -62,6 +62,10 @@ def time_grid(settings: SampleConfig, generator: torch.Generator) -> Tensor:
     """Return the (steps + 1,) fp32 grid of ``settings`` (spec §4.1); a logit-normal grid is drawn per batch."""
     if settings.grid == "uniform":
         return grids.uniform(settings.steps)
+    if settings.grid == "shifted":
+        return grids.shifted(settings.steps, settings.grid_shift)
+    if settings.grid == "logit_normal_quantiles":
+        return grids.logit_normal_quantiles(settings.steps, settings.grid_mean, settings.grid_std)
     return grids.logit_normal(settings.steps, generator, settings.grid_mean, settings.grid_std)
 
 
@@ -98,9 +102,12 @@ def rollout(
 def decode(decoder: ElfDecoder, z: Tensor, cond: ElfCond, settings: SampleConfig, generator: torch.Generator) -> Tensor:
     """Return token ids (B, L) for the final state z (B, L, C): decoder logits at t = 1, then token selection.
 
-    Temperature 0 is the reference's argmax (spec §4.3 step 4). ELF decodes every position at once, so there is
-    no generated history for a repetition penalty.
+    Temperature 0 is the reference's argmax (spec §4.3 step 4), taken by ``decoder.greedy`` without computing
+    every fp32 logit (same ids; ``greedy_linear``). ELF decodes every position at once, so there is no generated
+    history for a repetition penalty.
     """
+    if settings.temperature < GREEDY_BELOW:
+        return decoder.greedy(z, cond)
     logits = decoder(z, cond)  # (B, L, V)
     return select_tokens(
         logits, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, generator=generator
@@ -134,6 +141,8 @@ class ElfPipeline(Pipeline):
         embedder: encodes seq2seq sources (prompts) into condition latents.
         eos_id: end-of-sequence id of the tokenizer (T5: 1).
         pad_id: padding id of the tokenizer (T5: 0).
+        conditional: whether the network was trained with sources (``data.source_field`` set); prompts and
+            classifier-free guidance are refused otherwise.
     """
 
     def __init__(
@@ -146,8 +155,9 @@ class ElfPipeline(Pipeline):
         *,
         eos_id: int = 1,
         pad_id: int = 0,
+        conditional: bool = True,
     ) -> None:
-        self.cfg, self.decoder, self.embedder = cfg, decoder, embedder
+        self.cfg, self.decoder, self.embedder, self.conditional = cfg, decoder, embedder, conditional
         self.denoise = elf_denoise_fn(denoiser, schedule)
         self.eos_id, self.pad_id = eos_id, pad_id
 
@@ -161,11 +171,13 @@ class ElfPipeline(Pipeline):
         after its n source tokens, EOS-filled after the first EOS (spec §5). ``nfe`` counts every network call.
 
         Raises:
-            DataError: the prompts do not match ``num_samples`` or a source does not leave room to generate.
+            DataError: the prompts do not match ``num_samples``, a source does not leave room to generate, prompts
+                for a model trained without sources, or a CFG scale with nothing to condition on.
         """
         settings: SampleConfig = request.settings
         prompts = request.prompts
         self._check_prompts(request.num_samples, prompts)
+        self._check_guidance(prompts, settings.cfg)
         ids: list[list[int]] = []
         nfe = 0
         for start in range(0, request.num_samples, settings.batch_size):
@@ -212,6 +224,19 @@ class ElfPipeline(Pipeline):
         # the encoder mask lets condition tokens see only the condition (spec §5), so the rest is irrelevant
         values = self.embedder(TokenBatch(ids, is_source, is_source).to(device))  # (B, L, C)
         return ElfCond(w, values.float(), is_source.to(device))
+
+    def _check_guidance(self, prompts: list[list[int]] | None, cfg: float) -> None:
+        if prompts is not None and not self.conditional:
+            raise DataError(
+                "prompts (--prompt, --prompts-file): this ELF model was trained without sources (data.source_field "
+                "is unset), so it cannot condition on a prompt; sample unconditionally with --num-samples, or set "
+                "data.source_field for a seq2seq checkpoint"
+            )
+        if prompts is None and cfg != 1.0:
+            raise DataError(
+                f"sample.cfg={cfg} (--cfg): classifier-free guidance contrasts a prompt with its absence, and this "
+                "request has no prompts (unconditional ELF generation); drop --cfg or leave it at 1"
+            )
 
     def _check_prompts(self, num_samples: int, prompts: list[list[int]] | None) -> None:
         if prompts is None:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cdlm.sampling.tokens import select_tokens
+from cdlm.sampling.tokens import greedy_linear, select_tokens
 
 
 def test_greedy_ties_take_the_first_index() -> None:
@@ -82,3 +82,28 @@ def test_seeded_multinomial_is_reproducible() -> None:
 def test_bad_arguments(logits: torch.Tensor, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         select_tokens(logits, **kwargs)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_greedy_linear_matches_the_argmax_of_full_logits(with_bias: bool) -> None:
+    gen = torch.Generator().manual_seed(5)
+    weight = 0.05 * torch.randn(3000, 64, generator=gen)
+    weight[7] = weight[11]  # an exact tie: the first index wins, as in select_tokens
+    bias = 0.1 * torch.randn(3000, generator=gen) if with_bias else None
+    if bias is not None:
+        bias[7] = bias[11]
+    features = torch.nn.functional.gelu(torch.randn(4, 33, 64, generator=gen))
+    features[0, 0] = 10 * weight[11]  # steer one row onto the tie
+    full = select_tokens(torch.nn.functional.linear(features, weight, bias))
+    for screen in (True, False):
+        ids = greedy_linear(features, weight, bias, screen=screen)
+        assert ids.shape == (4, 33) and torch.equal(ids, full)
+    assert ids[0, 0] == 7
+
+
+def test_greedy_linear_falls_back_on_non_finite_features() -> None:
+    weight = torch.randn(50, 8, generator=torch.Generator().manual_seed(6))
+    features = torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(7))
+    features[0, 1, 2] = float("nan")
+    expected = select_tokens(torch.nn.functional.linear(features, weight))
+    assert torch.equal(greedy_linear(features, weight), expected)

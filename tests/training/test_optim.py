@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from cdlm.config import TrainConfig
 from cdlm.errors import RecipeError
@@ -36,6 +36,26 @@ def test_newton_schulz_orthogonalises(shape: tuple[int, int]) -> None:
     core = uu.T @ o @ vh.T
     off = core - torch.diag(torch.diagonal(core))
     assert off.abs().max() < 1e-4
+
+
+def _relative_to_fp64(out: Tensor, x: Tensor) -> float:
+    """Relative Frobenius distance of an NS result from the direct iteration run in fp64."""
+    exact = newton_schulz(x.double(), side="direct").double()
+    return float((out.double() - exact).norm() / exact.norm())
+
+
+@pytest.mark.parametrize("shape", [(2048, 96), (96, 2048)])
+def test_newton_schulz_gram_side_matches_direct(shape: tuple[int, int]) -> None:
+    gen = torch.Generator().manual_seed(4)
+    gauss = torch.randn(shape, generator=gen)
+    low, high = min(shape), max(shape)
+    factors = torch.randn(low, 8, generator=gen) @ torch.randn(8, high, generator=gen)  # rank 8
+    ill = (factors if shape[0] == low else factors.T) + 0.01 * torch.randn(shape, generator=gen)
+    for u, bound in ((gauss, 4e-6), (ill, 1e-4)):  # the bounds stated in newton_schulz's docstring
+        gram = newton_schulz(u, side="gram")
+        assert gram.shape == shape
+        assert _relative_to_fp64(gram, u) < bound
+        assert _relative_to_fp64(newton_schulz(u, side="auto"), u) < bound  # aspect ≥ 4: auto is the Gram side
 
 
 def test_muon_first_step_by_hand() -> None:

@@ -11,9 +11,17 @@ from torch import Tensor
 
 from cdlm.errors import DataError
 from cdlm_cola.config import ColaDitConfig
-from cdlm_cola.dit import ColaDiT, per_token_timesteps, sinusoidal_embedding
+from cdlm_cola.dit import ColaDiT, sinusoidal_embedding
+from cdlm_cola.layout import per_token_timesteps, twol_block_causal_mask, twol_positions
 from cdlm_cola.state_dict import load_pretrained_dit, load_pretrained_vae
 from conftest import shared_path
+from parity import (
+    EPS32,
+    assert_within,
+    pin_reference_sinusoid,
+    reference_sinusoid,
+    sinusoid_atol,
+)
 
 ATOL = 1e-5
 
@@ -32,8 +40,16 @@ def dit() -> ColaDiT:
     return load_pretrained_dit(shared_path("fixtures", "cola", "cola_dit"))  # fresh: no cache left over
 
 
+@pytest.fixture(autouse=True)
+def _reference_time_embedding(monkeypatch: pytest.MonkeyPatch) -> None:
+    pin_reference_sinusoid(monkeypatch)  # the DiT embeds t ≤ 1000 as the fixture machine did, on any CPU (parity.py)
+
+
 def test_sinusoidal_embedding_matches_reference(fx: dict[str, Tensor]) -> None:
-    close(sinusoidal_embedding(fx["comp/sinusoidal/t"]), fx["comp/sinusoidal/emb256"])
+    t, expected = fx["comp/sinusoidal/t"], fx["comp/sinusoidal/emb256"]
+    # |θ| = t·f ≤ 1000 rad: a 1-ulp libm difference in f or θ moves sin/cos by ~3e-5 between CPUs; bound per angle
+    assert_within(sinusoidal_embedding(t), expected, sinusoid_atol(t))
+    assert_within(reference_sinusoid(t), expected, torch.tensor(EPS32))  # what the DiT checks below embed with
 
 
 @torch.no_grad()
@@ -88,7 +104,9 @@ def test_planned_steps_match_reference_and_forward(dit: ColaDiT, fx: dict[str, T
     pinned[[0, 1, 8, 12]] = 0.0  # repainted positions: two distinct timesteps, spread by index
     for t in (pinned, torch.full((16,), 125.0), 900.0, t_both):  # the plan serves every Euler step of the block
         want = dit(both, k_lens, q_lens, t, use_kv_cache=readers)
-        torch.testing.assert_close(dit.step(both, t, plan), want, atol=1e-6, rtol=1e-6)  # AdaLN on 1 row: a few ulp
+        # the plan batches rows differently, so BLAS sums in another (CPU- and MKL-path-dependent) order: measured
+        # 1.0e-6 here and up to 1.3e-6 under MKL_CBWR=COMPATIBLE / ATEN_CPU_CAPABILITY=avx2; a real bug is ≫ 1e-4
+        torch.testing.assert_close(dit.step(both, t, plan), want, atol=4e-6, rtol=1e-6)
     assert dit._caches[0].lengths == [8, 4]  # planning and stepping leave the cache alone
     fresh = dit.plan(q_lens, q_lens, use_kv_cache=False)
     assert fresh.kv == [None, None]
@@ -162,3 +180,19 @@ def test_bad_calls_are_rejected() -> None:
         dit(z, [5], [5], 1.0)
     with pytest.raises(DataError, match=r"k_lens\[0\] = 8, expected 6: 0 cached"):
         dit(z, [8], [6], 1.0)
+
+
+@torch.no_grad()
+def test_equal_length_samples_attend_as_a_batch(dit: ColaDiT) -> None:
+    """A per-sample mask for samples of equal lengths (2L training): the NA result, without the cross-sample mask."""
+    g = torch.Generator().manual_seed(0)
+    lens, sizes = [16, 16, 16], [4, 2, 4]
+    txt, t = torch.randn(48, dit.config.txt_in_channels, generator=g), torch.rand(48, generator=g) * 1000
+    pos = twol_positions([8, 8, 8])
+    mask = twol_block_causal_mask([8] * 3, sizes, torch.float32)  # (1, 1, 48, 48) over the NA layout
+    na = dit(txt, lens, lens, t, k_positions=pos, q_positions=pos, mask=mask)
+    per_sample = torch.cat([twol_block_causal_mask([8], [bs], torch.float32) for bs in sizes])  # (3, 1, 16, 16)
+    batched = dit(txt, lens, lens, t, k_positions=pos, q_positions=pos, mask=per_sample)
+    torch.testing.assert_close(batched, na, atol=1e-6, rtol=1e-6)
+    with pytest.raises(DataError, match="per sample for samples of equal lengths"):
+        dit(txt, [16, 32], [16, 32], t, k_positions=pos, q_positions=pos, mask=per_sample)

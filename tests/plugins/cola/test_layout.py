@@ -16,8 +16,8 @@ from cdlm_cola.layout import (
     check_lengths,
     k_positions,
     na_block_causal_mask,
+    padded_block_layout,
     q_positions,
-    q_slots,
     twol_block_causal_mask,
     twol_positions,
 )
@@ -48,8 +48,6 @@ def test_positions_restart_per_sample_and_queries_are_the_tail() -> None:
     assert k_positions([3, 2]).tolist() == [0, 1, 2, 0, 1]
     assert q_positions([8, 4, 5], [4, 4, 0]).tolist() == [4, 5, 6, 7, 0, 1, 2, 3]
     assert twol_positions([3, 1]).tolist() == [0, 1, 2, 0, 1, 2, 0, 0]
-    assert q_slots([8, 4, 5], [4, 4, 0]).tolist() == [4, 5, 6, 7, 8, 9, 10, 11]  # rows of each tail on the key axis
-    assert q_slots([2, 5], [2, 3]).tolist() == [0, 1, 4, 5, 6]
 
 
 def test_na_mask_matches_reference(fx: dict[str, Tensor]) -> None:
@@ -98,7 +96,7 @@ def test_attention_equals_explicit_softmax_and_has_no_nan() -> None:
 
 
 def test_block_attention_gives_the_numbers_of_per_call_attention() -> None:
-    """History laid out and rotated once, new keys written in place: bit for bit the per-call result."""
+    """History laid out padded and rotated once, new keys written in place: the per-call result to fp32 rounding."""
     g = torch.Generator().manual_seed(0)
     cache = KVCache()
     cache.extend(torch.randn(10, 2, 8, generator=g), torch.randn(10, 2, 8, generator=g), [6, 4], store=True)
@@ -106,14 +104,21 @@ def test_block_attention_gives_the_numbers_of_per_call_attention() -> None:
     rot_q, rot_k = (Rotary.at(p, 4, 1e4, "interleaved") for p in (q_positions(k_lens, q_lens), k_positions(k_lens)))
     mask = na_block_causal_mask(k_lens, q_lens, 2, torch.float32)
     per_call = NaAttention(q_lens, rot_q, rot_k, mask, update_kv=False, readers=readers)
-    keys, values = cache.with_room(q_lens, readers)  # (19, 2, 8), zeros in the new rows
-    assert torch.equal(keys[q_slots(k_lens, q_lens)], torch.zeros(9, 2, 8))
-    block, kv = BlockAttention(rot_q, mask), BlockKV(rot_k(keys), values, q_slots(k_lens, q_lens))
-    for _ in range(2):  # every call of the block overwrites the same rows
+    width, slots, bias = padded_block_layout([6, 4, 0], 3, 2, torch.float32)
+    assert (width, slots.tolist()) == (9, [0, 1, 2, 3, 4, 5, 11, 12, 13, 14])  # right-aligned, new keys last
+    assert bias[1, :, :2].eq(BLOCKED).all()  # the padding of a shorter history
+    assert bias[1, :2, -1].eq(BLOCKED).all() and bias[1, 2, 2:].eq(0).all()  # positions 4, 5 (block 2) skip 6
+    keys, values = cache.flat()  # (10, 2, 8)
+    wide_q = Rotary.at(q_positions(k_lens, q_lens), 4, 1e4, "interleaved", width=8)  # whole-head tables
+    wide_k = Rotary.at(k_positions([6, 4]), 4, 1e4, "interleaved", width=8)
+    block = BlockAttention(wide_q, bias.repeat_interleave(2, dim=0), 3)
+    kv = BlockKV.laid_out(wide_k(keys), values, slots, 3, width)
+    for _ in range(2):  # every call of the block overwrites the same slots
         q, k, v = (torch.randn(9, 2, 8, generator=g) for _ in range(3))
-        assert torch.equal(
-            block.attend(q, *block.history(kv, k, v)), per_call.attend(q, *per_call.history(cache, k, v))
-        )
+        torch.testing.assert_close(
+            block.attend(q, *block.history(kv, k, v)), per_call.attend(q, *per_call.history(cache, k, v)),
+            atol=1e-6, rtol=1e-6,
+        )  # fmt: skip
     assert cache.lengths == [6, 4]
 
 

@@ -195,3 +195,18 @@ def test_schedule_sample_t_and_predict(time_schedule: str) -> None:
     pred = schedule.predict(x.double(), z, times)
     assert pred.x.dtype == pred.v.dtype == torch.float32
     torch.testing.assert_close(pred.v, (x - z) / torch.tensor([0.7, 0.05])[:, None, None])
+
+
+@pytest.mark.parametrize(
+    ("grid", "expected"),
+    [
+        ({"grid": "uniform"}, lambda s: grids.uniform(s.steps)),
+        ({"grid": "shifted", "grid_shift": 3.0}, lambda s: grids.shifted(s.steps, 3.0)),
+        ({"grid": "logit_normal_quantiles"}, lambda s: grids.logit_normal_quantiles(s.steps, -1.5, 0.8)),
+    ],
+)
+def test_time_grid_follows_the_settings(grid: dict, expected) -> None:
+    settings = SampleConfig(steps=8, **grid)
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(time_grid(settings, generator), expected(settings))
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(0).get_state())  # deterministic: no draw
