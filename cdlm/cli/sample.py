@@ -73,7 +73,7 @@ def sample(
     ] = None,
     num_samples: Annotated[int | None, typer.Option(help="number of samples (unconditional)")] = None,
     steps: Annotated[int | None, typer.Option(help="solver steps")] = None,
-    sampler: Annotated[str | None, typer.Option(help="euler (ode) | heun | sde")] = None,
+    sampler: Annotated[str | None, typer.Option(help="euler (ode) | heun | midpoint | dpm2m | sde")] = None,
     cfg: Annotated[float | None, typer.Option("--cfg", "--guidance", help="classifier-free guidance scale")] = None,
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
     prompt: Annotated[
