@@ -21,6 +21,8 @@ from cdlm.training.checkpoint import CONFIG_FILE, latest_checkpoint
 
 RESUME_SECTIONS = ("method", "model", "data")
 """The config sections a resumed run must share with the run it continues (train and sample may change)."""
+RESUME_FREE = frozenset({"data.num_proc", "data.cache_dir"})
+"""Fields of those sections that say how the rows are made, not which rows: a resume may change them."""
 
 
 def check_run_config(config: object) -> RunConfig:
@@ -84,6 +86,7 @@ def check_resume(config: RunConfig, run_dir: Path) -> None:
         f"{key}: {old!r} → {new_value!r}"
         for section in RESUME_SECTIONS
         for key, old, new_value in _differences(section, recorded.get(section), new.get(section))
+        if key not in RESUME_FREE
     ]
     if changes:
         shown = "; ".join(changes[:4]) + ("; …" if len(changes) > 4 else "")

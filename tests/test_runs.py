@@ -64,3 +64,11 @@ def test_tokenizer_larger_than_the_model_vocabulary(tmp_path: Path) -> None:
     config = cdlm.load_recipe("elf-tiny", [*QUICK, "data.vocab_size=600"])
     with pytest.raises(DataError, match="the tokenizer has 600 tokens but the model reads 512 ids"):
         cdlm.train(config, tmp_path / "run")
+
+
+def test_resume_may_change_how_rows_are_made_but_not_which(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cdlm.train(cdlm.load_recipe("elf-tiny", QUICK), run)
+    cdlm.train(cdlm.load_recipe("elf-tiny", [*QUICK, "data.num_proc=1", f"data.cache_dir={tmp_path / 'c'}"]), run)
+    with pytest.raises(cdlm.CdlmError, match=r"data.max_rows: 40 → 41"):
+        cdlm.train(cdlm.load_recipe("elf-tiny", [*QUICK, "data.max_rows=41"]), run)

@@ -1,9 +1,10 @@
 """Packing token ids into fixed-length rows, and the whole text → rows pipeline.
 
-Two row layouts, both returned as one :class:`~cdlm.interfaces.TokenBatch` holding every row:
+Two row layouts, both built as a :class:`~cdlm.interfaces.TokenBatch` of rows:
 
 * **Language modelling** (no ``data.source_field``): documents are concatenated, each followed by EOS, and
-  cut into rows of ``seq_len``; only the last row can be short, and is filled.
+  cut into rows of ``seq_len``; only the last row can be short, and is filled. :func:`prepare` packs
+  10,000 documents at a time (a ``datasets`` map step), so the last row of each such group is filled.
 * **Seq2seq** (ELF spec §5): per example ``cond = source[:max_source_len]``, ``seq = cat(cond, target)``,
   truncated to ``seq_len`` and filled. Nothing is appended to the target; with ``pad_token: eos`` the EOS fill
   is what marks its end.
@@ -18,21 +19,28 @@ positions with ``mask == False`` and ``ids == eos`` (ELF spec §3.3 step 2 train
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import chain
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
+from datasets import Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase
 
 from cdlm.config import DataConfig
-from cdlm.data.sources import load_texts
+from cdlm.data.cache import TokenRows, cached_rows, resolve_num_proc, row_features, token_dtype
+from cdlm.data.sources import TOKEN_COLUMN, is_tokenized, load_texts, stream_source
+from cdlm.data.stream import PACK_GROUP, RowStream
 from cdlm.data.tokenize import TOKENIZER_FILE, SpecialIds, encode, load_tokenizer, special_ids
 from cdlm.errors import DataError
 from cdlm.interfaces import TokenBatch
+
+# Rows per Arrow record batch: opening a table touches every batch's header page (and the kernel maps the pages
+# around it), so few large batches keep a memory-mapped cache from adding to the RSS of every process.
+_WRITER_ROWS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -40,18 +48,23 @@ class PackedData:
     """A corpus ready to batch.
 
     Attributes:
-        rows: every row of the corpus, ids (R, L) int64, mask and cond_mask (R, L) bool.
+        rows: the packed rows: memory-mapped from the row cache (:class:`~cdlm.data.cache.TokenRows`), or read
+            on the fly with ``data.streaming`` (:class:`~cdlm.data.stream.RowStream`); batched by
+            :class:`~cdlm.data.loader.ResumableLoader`.
         tokenizer: the tokenizer that made ``rows`` (decodes samples).
         special: its pad and EOS ids.
     """
 
-    rows: TokenBatch
+    rows: TokenRows | RowStream
     tokenizer: PreTrainedTokenizerBase
     special: SpecialIds
 
 
 def prepare(cfg: DataConfig, cache_dir: Path, on_phase: Callable[[str], None] | None = None) -> PackedData:
     """Load, tokenise and pack the corpus of ``cfg``: the data pipeline in one call.
+
+    Without ``data.streaming`` the rows come from the on-disk row cache (:mod:`cdlm.data.cache`), built on a
+    first use; a cached corpus is opened without reading its source (unless a BPE must first be trained).
 
     Args:
         cfg: the run's data section.
@@ -65,31 +78,114 @@ def prepare(cfg: DataConfig, cache_dir: Path, on_phase: Callable[[str], None] | 
         DataError: from any stage (missing source, bad column, empty corpus, tokenizer mismatch, bad lengths).
     """
     say = on_phase or (lambda message: None)
-    say(f"data: reading {cfg.source}")
-    texts = load_texts(cfg)
-    corpus = chain(texts["source"], texts["text"]) if cfg.source_field is not None else texts["text"]
-    trains = cfg.tokenizer == "bpe" and not (Path(cache_dir) / TOKENIZER_FILE).is_file()
-    say(
-        f"data: training a {cfg.vocab_size}-token BPE on {len(texts)} documents"
-        if trains
-        else "data: loading the tokenizer"
-    )
-    tok = load_tokenizer(cfg, cache_dir, corpus)
+    if cfg.streaming:
+        say(f"data: streaming {cfg.source}")
+        stream = stream_source(cfg)
+        tok = _tokenizer(cfg, cache_dir, stream, say)
+        special = special_ids(tok)
+        pack = partial(pack_batch, tok=tok, cfg=cfg, special=special)
+        return PackedData(rows=RowStream(stream, pack, cfg.source), tokenizer=tok, special=special)
+    texts: Dataset | None = None
+    if cfg.tokenizer == "bpe" and not (Path(cache_dir) / TOKENIZER_FILE).is_file():
+        say(f"data: reading {cfg.source}")
+        texts = load_texts(cfg)
+    tok = _tokenizer(cfg, cache_dir, texts, say)
     special = special_ids(tok)
-    say(f"data: tokenizing and packing {len(texts)} documents into rows of {cfg.seq_len} tokens")
-    if cfg.source_field is None:
-        rows = pack_documents(encode(tok, texts["text"]), cfg.seq_len, special, cfg.pad_token)
-    else:
-        rows = seq2seq_rows(
-            encode(tok, texts["source"]),
-            encode(tok, texts["text"]),
-            cfg.seq_len,
-            cfg.max_source_len,
-            special,
-            cfg.pad_token,
+
+    def build(out: Path) -> None:
+        source = texts if texts is not None else load_texts(cfg)
+        num_proc = resolve_num_proc(cfg, len(source))
+        say(
+            f"data: tokenizing and packing {len(source)} documents into rows of {cfg.seq_len} tokens "
+            f"({num_proc} process(es))"
         )
-    say(f"data: {rows.ids.shape[0]} rows of {cfg.seq_len} tokens")
+        source.map(
+            _tokenize_and_pack,
+            batched=True,
+            batch_size=PACK_GROUP,
+            writer_batch_size=_WRITER_ROWS,
+            num_proc=num_proc if num_proc > 1 else None,
+            remove_columns=source.column_names,
+            features=row_features(cfg.seq_len, token_dtype(len(tok))),
+            fn_kwargs={"tok": tok, "cfg": cfg, "special": special},
+            cache_file_name=str(out / "rows.arrow"),
+            new_fingerprint=out.name,
+            desc="tokenizing and packing",
+        )
+
+    rows = cached_rows(cfg, tok, build, say)
+    say(f"data: {len(rows)} rows of {cfg.seq_len} tokens")
     return PackedData(rows=rows, tokenizer=tok, special=special)
+
+
+def _tokenizer(
+    cfg: DataConfig, cache_dir: Path, texts: Dataset | IterableDataset | None, say: Callable[[str], None]
+) -> PreTrainedTokenizerBase:
+    """Load the run's tokenizer, training the BPE on ``texts`` when it is not cached yet."""
+    if texts is not None and is_tokenized(list(texts.column_names or [])) and cfg.tokenizer == "bpe":
+        raise DataError(
+            f"data.source {cfg.source!r} is already tokenised ({TOKEN_COLUMN!r} column): set data.tokenizer to "
+            "the tokenizer that made it (a hub id or a save_pretrained directory), not 'bpe'"
+        )
+    trains = cfg.tokenizer == "bpe" and not (Path(cache_dir) / TOKENIZER_FILE).is_file()
+    say(f"data: training a {cfg.vocab_size}-token BPE on {cfg.source}" if trains else "data: loading the tokenizer")
+    corpus = _corpus(texts, cfg) if texts is not None else iter(())
+    return load_tokenizer(cfg, cache_dir, corpus)
+
+
+def _corpus(texts: Dataset | IterableDataset, cfg: DataConfig) -> Iterator[str]:
+    """Every text a BPE trains on: conditions, then targets (seq2seq), or the documents."""
+    columns = ["source", "text"] if cfg.source_field is not None else ["text"]
+    for column in columns:
+        for batch in texts.select_columns([column]).iter(batch_size=PACK_GROUP):
+            yield from batch[column]
+
+
+def _tokenize_and_pack(
+    batch: dict[str, list], tok: PreTrainedTokenizerBase, cfg: DataConfig, special: SpecialIds
+) -> dict[str, np.ndarray]:
+    """Map step: one batch of documents (or examples) → packed rows as ``ids``, ``length``, ``cond_len``."""
+    rows = pack_batch(batch, tok, cfg, special)
+    return {
+        "ids": rows.ids.numpy().astype(token_dtype(len(tok))),
+        "length": rows.mask.sum(dim=1).numpy().astype(np.int32),
+        "cond_len": rows.cond_mask.sum(dim=1).numpy().astype(np.int32),
+    }
+
+
+def pack_batch(
+    batch: dict[str, list], tok: PreTrainedTokenizerBase, cfg: DataConfig, special: SpecialIds
+) -> TokenBatch:
+    """Pack one batch of source records into rows; a batch's last language-modelling row is filled.
+
+    Records hold ``text`` (and ``source``) strings, or ``input_ids``: a batch of id lists all ``seq_len`` long
+    is taken as rows as they are; otherwise each id list is a document.
+
+    Raises:
+        DataError: a token id lies outside the tokenizer's vocabulary, or no tokens at all.
+    """
+    if TOKEN_COLUMN in batch:
+        docs = batch[TOKEN_COLUMN]
+        top = max((max(d) for d in docs if len(d)), default=0)
+        if top >= len(tok):
+            raise DataError(
+                f"data.source {cfg.source!r}: token id {top} in column {TOKEN_COLUMN!r} is outside the vocabulary "
+                f"of data.tokenizer {cfg.tokenizer!r} ({len(tok)} tokens); set the tokenizer that made the ids"
+            )
+        if all(len(d) == cfg.seq_len for d in docs):
+            ids = torch.tensor(np.asarray(docs, dtype=np.int64))  # (R, L)
+            return TokenBatch(ids, torch.ones_like(ids, dtype=torch.bool), torch.zeros_like(ids, dtype=torch.bool))
+        return pack_documents(docs, cfg.seq_len, special, cfg.pad_token)
+    if cfg.source_field is None:
+        return pack_documents(encode(tok, batch["text"]), cfg.seq_len, special, cfg.pad_token)
+    return seq2seq_rows(
+        encode(tok, batch["source"]),
+        encode(tok, batch["text"]),
+        cfg.seq_len,
+        cfg.max_source_len,
+        special,
+        cfg.pad_token,
+    )
 
 
 def _fill_id(special: SpecialIds, pad_token: Literal["pad", "eos"]) -> int:

@@ -5,23 +5,33 @@ seq2seq, when ``data.source_field`` is set). Local formats:
 
 * ``.txt`` / ``.txt.gz``: one document per paragraph, i.e. per block of lines separated by one or more
   blank lines; each paragraph is stripped and its inner line breaks are kept. A file with one document per
-  line must therefore separate them by blank lines (or be converted to ``.jsonl``).
+  line must therefore separate them by blank lines (or be converted to ``.jsonl``). Files are read line by
+  line into an on-disk Arrow table, so their size does not bound memory.
 * ``.jsonl`` / ``.json``: JSON lines or a JSON list of records.
 * ``.parquet``, and ``.arrow`` in the streaming format written by ``datasets``.
 * a directory: a ``Dataset.save_to_disk`` directory, or a directory whose top-level files of the formats
   above are concatenated in name order, except those named in ``data.holdout``.
 
 ``data.split`` applies to hub datasets and to ``save_to_disk`` directories holding a ``DatasetDict``.
+
+A source without a ``data.text_field`` column but with an ``input_ids`` column is already tokenised: it is
+returned as its ``input_ids`` column and never re-tokenised. With ``data.streaming`` every source is read as a
+``datasets.IterableDataset`` in file order (:func:`stream_source`).
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import re
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, Features, IterableDataset, Value
+from datasets.exceptions import DatasetGenerationError
 
 from cdlm.config import DataConfig
 from cdlm.errors import DataError
@@ -31,34 +41,86 @@ _TABLE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
 _TEXT_SUFFIXES = (".txt", ".txt.gz")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
 _STRING_DTYPES = ("string", "large_string")
+TOKEN_COLUMN = "input_ids"
+_TEXT_FEATURES = Features({"text": Value("string")})
+_TEXT_WRITER_ROWS = 20_000  # paragraphs per Arrow record batch: few headers to touch when the table is opened
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 
 
 def load_texts(cfg: DataConfig) -> Dataset:
-    """Load the corpus named by ``cfg.source`` as rows of ``text`` (and ``source`` for seq2seq).
+    """Load the corpus named by ``cfg.source`` as rows of ``text`` (and ``source`` for seq2seq), or of token ids.
 
     Args:
         cfg: the run's data section; reads ``source``, ``subset``, ``split``, ``text_field``, ``source_field``,
             ``holdout`` and ``max_rows``.
 
     Returns:
-        A dataset with exactly the columns ``text`` and, when ``cfg.source_field`` is set, ``source``.
+        A dataset with exactly the columns ``text`` and, when ``cfg.source_field`` is set, ``source``; or, for an
+        already tokenised source, exactly the column ``input_ids``.
 
     Raises:
         DataError: a file or directory is missing, a column is absent or not text, a hold-out file does not
             exist, the hub dataset cannot be loaded, or no rows remain.
     """
-    raw = _load_raw(cfg)
+    raw = _load_raw(cfg, streaming=False)
+    assert isinstance(raw, Dataset)
     if len(raw) == 0:
         raise DataError(f"data.source {cfg.source!r}: the dataset is empty (no rows); point data.source at some text")
-    ds = _select_columns(raw, cfg)
+    ds = _select_columns(raw, cfg, raw.features)
     if cfg.max_rows is not None and len(ds) > cfg.max_rows:
         ds = ds.select(range(cfg.max_rows))
-    if len(ds) == 0:
-        raise DataError(f"data.source {cfg.source!r}: the dataset is empty (no rows); point data.source at some text")
     return ds
 
 
-def _load_raw(cfg: DataConfig) -> Dataset:
+def stream_source(cfg: DataConfig) -> IterableDataset:
+    """Open the corpus of ``cfg.source`` as a stream, in file order, with the columns :func:`load_texts` gives.
+
+    Raises:
+        DataError: as :func:`load_texts`; an empty stream is reported when it is first read.
+    """
+    raw = _load_raw(cfg, streaming=True)
+    if isinstance(raw, Dataset):
+        raw = raw.to_iterable_dataset()
+    first = next(iter(raw), None)
+    if first is None:
+        raise DataError(f"data.source {cfg.source!r}: the dataset is empty (no rows); point data.source at some text")
+    features = raw.features or Features({k: _infer_feature(v) for k, v in first.items()})
+    ds = _select_columns(raw, cfg, features)
+    return ds.take(cfg.max_rows) if cfg.max_rows is not None else ds
+
+
+def is_tokenized(columns: list[str]) -> bool:
+    """Whether rows with these columns (from :func:`load_texts` / :func:`stream_source`) hold token ids."""
+    return columns == [TOKEN_COLUMN]
+
+
+def source_fingerprint(cfg: DataConfig) -> str:
+    """Return a hash naming the source's content cheaply: file names, sizes and modification times, or the hub id.
+
+    Reads no data, so that a cached corpus is found in well under a second whatever its size.
+    """
+    path = Path(cfg.source).expanduser()
+    if cfg.source == BUILTIN_PYDOC:
+        stamp: object = ["pydoc", sys.version]
+    elif path.exists():
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        stamp = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    else:
+        stamp = ["hub", cfg.source, cfg.subset, cfg.split]
+    fields = [cfg.text_field, cfg.source_field, cfg.holdout, cfg.max_rows]
+    return hashlib.sha256(json.dumps([stamp, fields]).encode()).hexdigest()[:16]
+
+
+def _infer_feature(value: object) -> Value | datasets.Sequence:
+    """The feature of one value of a stream whose features are unknown (enough to check a column's kind)."""
+    if isinstance(value, str):
+        return Value("string")
+    if isinstance(value, list):
+        return datasets.Sequence(Value("int64"))
+    return Value("null")
+
+
+def _load_raw(cfg: DataConfig, *, streaming: bool) -> Dataset | IterableDataset:
     """Load every column of the source, before column selection."""
     path = Path(cfg.source).expanduser()
     if cfg.holdout and not path.is_dir():
@@ -68,15 +130,15 @@ def _load_raw(cfg: DataConfig) -> Dataset:
     if cfg.source.startswith("builtin:"):
         raise DataError(f"data.source {cfg.source!r}: unknown builtin; available: {BUILTIN_PYDOC!r}")
     if path.is_dir():
-        return _load_dir(path, cfg)
+        return _load_dir(path, cfg, streaming)
     if path.is_file():
-        return _load_file(path)
+        return _load_files([path], streaming)
     if _looks_like_path(cfg.source) or "/" not in cfg.source:
         raise DataError(
             f"data.source {cfg.source!r}: no such file or directory, and not a hub dataset id (owner/name); "
             f"give a local file or directory, {BUILTIN_PYDOC!r}, or a hub id"
         )
-    return _load_hub(cfg)
+    return _load_hub(cfg, streaming)
 
 
 def _pydoc() -> Dataset:
@@ -108,11 +170,50 @@ def _is_supported(path: Path) -> bool:
     return path.is_file() and path.name.endswith(_TEXT_SUFFIXES + _TABLE_SUFFIXES)
 
 
+def _load_files(paths: list[Path], streaming: bool) -> Dataset | IterableDataset:
+    """Load local files of one supported format: eagerly into Arrow tables, or as a stream."""
+    if not streaming:
+        parts = [_load_file(p) for p in paths]
+        for part, p in zip(parts[1:], paths[1:], strict=True):
+            if part.features != parts[0].features:
+                raise DataError(
+                    f"{p}: columns {dict(part.features)} differ from {paths[0]}'s {dict(parts[0].features)}; "
+                    "files of one directory must share their columns"
+                )
+        return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if all(p.name.endswith(_TEXT_SUFFIXES) for p in paths):
+        return IterableDataset.from_generator(
+            _paragraph_records, gen_kwargs={"paths": [str(p) for p in paths]}, features=_TEXT_FEATURES
+        )
+    builders = {_FILE_BUILDERS.get(p.suffix) for p in paths}
+    if len(builders) != 1 or None in builders:
+        raise DataError(
+            f"data.streaming: files {[p.name for p in paths]} must all be of one of the formats "
+            f"{', '.join(_TABLE_SUFFIXES)}, or all .txt / .txt.gz"
+        )
+    builder = builders.pop()
+    assert builder is not None
+    return datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train", streaming=True)
+
+
 def _load_file(path: Path) -> Dataset:
     """Load one local file of a supported format."""
     name = path.name
     if name.endswith(_TEXT_SUFFIXES):
-        return Dataset.from_dict({"text": _paragraphs(path)})
+        stamp = f"{path.stat().st_size}:{path.stat().st_mtime_ns}"  # a changed file is read again, not reused
+        try:
+            return Dataset.from_generator(
+                _paragraph_records,
+                gen_kwargs={"paths": [str(path)], "stamp": stamp},
+                features=_TEXT_FEATURES,
+                writer_batch_size=_TEXT_WRITER_ROWS,
+            )
+        except DatasetGenerationError as err:  # datasets wraps what the generator raised
+            if isinstance(err.__cause__, DataError):
+                raise err.__cause__ from None
+            raise DataError(f"{path}: cannot be read as text ({err.__cause__ or err})") from None
+        except ValueError:  # datasets refuses a generator that yields nothing: the file has no paragraphs
+            return Dataset.from_dict({"text": []}, features=_TEXT_FEATURES)
     if path.stat().st_size == 0:
         return Dataset.from_dict({})
     try:
@@ -131,18 +232,29 @@ def _load_file(path: Path) -> Dataset:
     )
 
 
-def _paragraphs(path: Path) -> list[str]:
-    """Split a (possibly gzipped) text file into its non-empty, stripped, blank-line-separated paragraphs."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            text = f.read()
-    except (UnicodeDecodeError, OSError, EOFError) as err:
-        raise DataError(f"{path}: cannot be read as UTF-8 text ({err})") from None
-    return [p.strip() for p in _PARAGRAPH_BREAK.split(text) if p.strip()]
+def _paragraph_records(paths: list[str], stamp: str = "") -> Iterator[dict[str, str]]:
+    """Yield ``{"text": paragraph}`` for the stripped, blank-line-separated paragraphs of (gzipped) text files.
+
+    Reads line by line; ``stamp`` only keys the datasets cache (file size and time).
+    """
+    for name in paths:
+        opener = gzip.open if name.endswith(".gz") else open
+        lines: list[str] = []
+        try:
+            with opener(name, "rt", encoding="utf-8") as f:
+                for line in f:
+                    if line.strip(" \t\r\f\v\n"):
+                        lines.append(line)
+                    elif lines:
+                        yield {"text": "".join(lines).strip()}
+                        lines = []
+        except (UnicodeDecodeError, OSError, EOFError) as err:
+            raise DataError(f"{name}: cannot be read as UTF-8 text ({err})") from None
+        if lines:
+            yield {"text": "".join(lines).strip()}
 
 
-def _load_dir(path: Path, cfg: DataConfig) -> Dataset:
+def _load_dir(path: Path, cfg: DataConfig, streaming: bool) -> Dataset | IterableDataset:
     """Load a ``save_to_disk`` directory, or concatenate the supported files of a directory minus hold-outs."""
     if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
         return _pick_split(datasets.load_from_disk(str(path)), cfg.split, str(path))
@@ -159,14 +271,7 @@ def _load_dir(path: Path, cfg: DataConfig) -> Dataset:
             f"data.source {str(path)!r}: no usable files (expected {', '.join(_TEXT_SUFFIXES + _TABLE_SUFFIXES)}"
             f"{'; all are held out' if files else ''})"
         )
-    parts = [_load_file(p) for p in kept]
-    for part, p in zip(parts[1:], kept[1:], strict=True):
-        if part.features != parts[0].features:
-            raise DataError(
-                f"{p}: columns {dict(part.features)} differ from {kept[0]}'s {dict(parts[0].features)}; "
-                "files of one directory must share their columns"
-            )
-    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    return _load_files(kept, streaming)
 
 
 def _pick_split(loaded: Dataset | DatasetDict, split: str, where: str) -> Dataset:
@@ -177,10 +282,10 @@ def _pick_split(loaded: Dataset | DatasetDict, split: str, where: str) -> Datase
     return loaded[split]
 
 
-def _load_hub(cfg: DataConfig) -> Dataset:
+def _load_hub(cfg: DataConfig, streaming: bool) -> Dataset | IterableDataset:
     """Load ``cfg.source`` from the Hugging Face hub (or its local cache)."""
     try:
-        return datasets.load_dataset(cfg.source, cfg.subset, split=cfg.split)
+        return datasets.load_dataset(cfg.source, cfg.subset, split=cfg.split, streaming=streaming)
     except (OSError, ValueError) as err:
         raise DataError(
             f"data.source {cfg.source!r} (subset {cfg.subset!r}, split {cfg.split!r}): not a local path and the hub "
@@ -188,22 +293,30 @@ def _load_hub(cfg: DataConfig) -> Dataset:
         ) from err
 
 
-def _select_columns(ds: Dataset, cfg: DataConfig) -> Dataset:
-    """Keep ``text_field`` as ``text`` (and ``source_field`` as ``source``), checking they hold strings."""
+def _select_columns(ds: Dataset | IterableDataset, cfg: DataConfig, features: Features) -> Dataset | IterableDataset:
+    """Keep ``text_field`` as ``text`` (and ``source_field`` as ``source``), or ``input_ids``; check their kinds."""
     if cfg.source_field == cfg.text_field:
         raise DataError(f"data.source_field and data.text_field are both {cfg.text_field!r}; they must differ")
+    if cfg.text_field not in features and TOKEN_COLUMN in features and cfg.source_field is None:
+        inner = getattr(features[TOKEN_COLUMN], "feature", None)
+        if not str(getattr(inner, "dtype", "")).startswith(("int", "uint")):
+            raise DataError(
+                f"data.source {cfg.source!r}: column {TOKEN_COLUMN!r} should hold lists of token ids, "
+                f"found {features[TOKEN_COLUMN]}"
+            )
+        return ds.select_columns([TOKEN_COLUMN])
     wanted = {cfg.text_field: "text"}
     if cfg.source_field is not None:
         wanted[cfg.source_field] = "source"
     for field_name, role in wanted.items():
         key = "data.text_field" if role == "text" else "data.source_field"
-        if field_name not in ds.column_names:
+        if field_name not in features:
             raise DataError(
-                f"{key} {field_name!r}: no such column in {cfg.source!r}; available columns: {ds.column_names}"
+                f"{key} {field_name!r}: no such column in {cfg.source!r}; available columns: {list(features)}"
             )
-        dtype = getattr(ds.features[field_name], "dtype", None)
+        dtype = getattr(features[field_name], "dtype", None)
         if dtype not in _STRING_DTYPES:
             raise DataError(
-                f"{key} {field_name!r} in {cfg.source!r}: expected a text column, found {ds.features[field_name]}"
+                f"{key} {field_name!r} in {cfg.source!r}: expected a text column, found {features[field_name]}"
             )
     return ds.select_columns(list(wanted)).rename_columns({k: v for k, v in wanted.items() if k != v})

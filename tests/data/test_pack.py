@@ -2,14 +2,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from cdlm.config import DataConfig
-from cdlm.data.pack import pack_documents, prepare, seq2seq_rows
+from cdlm.data.cache import TokenRows
+from cdlm.data.pack import PackedData, pack_documents, prepare, seq2seq_rows
 from cdlm.data.sources import load_texts
 from cdlm.data.tokenize import SpecialIds
 from cdlm.errors import DataError
+from cdlm.interfaces import TokenBatch
 
 SPECIAL = SpecialIds(pad=0, eos=1)
 DOCS = [[5, 6], [], [7], [8, 9, 10]]
@@ -56,11 +59,16 @@ def test_seq2seq_needs_room_for_a_target(max_source_len: int) -> None:
         seq2seq_rows([[1]], [[2]], 6, max_source_len, SPECIAL, "pad")
 
 
+def every_row(data: PackedData) -> TokenBatch:
+    assert isinstance(data.rows, TokenRows)
+    return data.rows.take(np.arange(len(data.rows)))
+
+
 def test_prepare_language_modelling(tmp_path: Path) -> None:
-    cfg = DataConfig(max_rows=3, vocab_size=300, seq_len=32)
+    cfg = DataConfig(max_rows=3, vocab_size=300, seq_len=32, cache_dir=str(tmp_path / "cache"))
     data = prepare(cfg, tmp_path)
     assert (tmp_path / "tokenizer.json").is_file() and data.special == SPECIAL
-    ids, mask = data.rows.ids, data.rows.mask
+    ids, mask = every_row(data).ids, every_row(data).mask
     assert ids.shape[1] == 32 and not bool(mask[:-1].logical_not().any())  # only the last row is filled
     assert int((ids[mask] == 1).sum()) == 3  # one EOS after each document
     assert load_texts(cfg)["text"][0].startswith(data.tokenizer.decode(ids[0].tolist()))
@@ -68,9 +76,9 @@ def test_prepare_language_modelling(tmp_path: Path) -> None:
 
 def test_prepare_seq2seq(tmp_path: Path) -> None:
     cfg = DataConfig(max_rows=4, vocab_size=300, seq_len=24, source_field="topic", max_source_len=8, pad_token="eos")
-    data = prepare(cfg, tmp_path)
-    assert data.rows.ids.shape == (4, 24)
-    cond_len = data.rows.cond_mask.sum(1)
+    rows = every_row(prepare(cfg.model_copy(update={"cache_dir": str(tmp_path / "cache")}), tmp_path))
+    assert rows.ids.shape == (4, 24)
+    cond_len = rows.cond_mask.sum(1)
     assert bool((cond_len >= 1).all()) and bool((cond_len <= 8).all())
-    topic = data.tokenizer.decode(data.rows.ids[0, : int(cond_len[0])].tolist())
+    topic = prepare(cfg, tmp_path).tokenizer.decode(rows.ids[0, : int(cond_len[0])].tolist())
     assert topic == "assert"[: len(topic)]
