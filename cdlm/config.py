@@ -27,7 +27,11 @@ class DataConfig(Section):
     )
     subset: str | None = Field(None, description="dataset configuration name for hub datasets")
     split: str = "train"
-    text_field: str = Field("text", description="column holding the text (the target for seq2seq)")
+    text_field: str = Field(
+        "text",
+        description="column holding the text (the target for seq2seq); a source without it but with an 'input_ids' "
+        "column is read as already tokenised by data.tokenizer",
+    )
     source_field: str | None = Field(None, description="column holding the condition text; set for seq2seq")
     tokenizer: str = Field(
         "bpe", description="'bpe' trains a byte-level BPE on the corpus (cached in the run dir); else a hub id or path"
@@ -38,6 +42,21 @@ class DataConfig(Section):
     pad_token: Literal["pad", "eos"] = Field("pad", description="pad rows with the pad id (masked) or EOS (trained)")
     max_rows: PositiveInt | None = Field(None, description="keep at most this many source rows (quick runs)")
     holdout: list[str] = Field(default_factory=list, description="file names under a local directory to leave out")
+    streaming: bool = Field(
+        False,
+        description="read and tokenise the source on the fly, in file order, without a cache (for corpora too big "
+        "to cache); the loader position (document and token offset) is saved in checkpoints",
+    )
+    num_proc: PositiveInt | None = Field(
+        None,
+        description="processes that tokenise and pack into the cache; default: up to 8 (one per core) for sources "
+        "of 50,000 rows or more, else 1",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="where tokenised rows are cached (Arrow, memory-mapped, reused by later runs); default: "
+        "'cdlm-rows' under the datasets cache (HF_DATASETS_CACHE)",
+    )
 
 
 class TrainConfig(Section):
