@@ -33,6 +33,9 @@ def train(
         result = cdlm.train(
             config, run_dir, stage=stage, on_log=hooks.on_log, on_status=hooks.on_status, on_stage=hooks.on_stage
         )
+    from cdlm.training.distributed import shutdown  # torch and Accelerate load with the run, not with the CLI
+
+    shutdown()
     loss = result.metrics.get("loss")
     summary = f"step {result.step}" + (f", loss {loss:.4f}" if isinstance(loss, float) else "")
     if result.stopped is None:

@@ -28,7 +28,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from accelerate import PartialState
 from datasets import Dataset, Features, Value
 from transformers import PreTrainedTokenizerBase
 
@@ -36,6 +35,7 @@ from cdlm.config import DataConfig
 from cdlm.data.sources import source_fingerprint
 from cdlm.errors import DataError
 from cdlm.interfaces import TokenBatch
+from cdlm.training.distributed import process_state
 
 CACHE_SUBDIR = "cdlm-rows"
 _AUTO_PARALLEL_ROWS = 50_000  # sources this large are tokenised by several processes when num_proc is unset
@@ -131,7 +131,7 @@ def cached_rows(
         DataError: the cache directory cannot be written, or from ``build``.
     """
     entry = cache_root(cfg) / cache_key(cfg, tok)
-    state = PartialState()
+    state = process_state()  # a gloo CPU worker under torchrun, not a lone process
     with state.local_main_process_first():  # one build per node; the cache may be node-local
         if state.is_local_main_process and not entry.is_dir():
             tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")

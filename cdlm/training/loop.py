@@ -1,11 +1,18 @@
 """The one training loop: any :class:`~cdlm.interfaces.Method`, on Accelerate, exactly resumable.
 
-What it does, in order: seeds Python/NumPy/torch once from ``config.seed + rank``; draws every objective
-sample from one named CPU generator (``"objective"``, seeded ``config.seed + rank``); optimises only
-``method.trainable`` (frozen modules are put in eval mode without gradients); per optimizer step runs
-``train.grad_accum`` micro-batches (each loss divided by ``grad_accum``), averages gradients across processes,
-clips them (logging the pre-clip norm), steps the optimizer and the LR schedule, then the EMA. Network calls
-run under :func:`cdlm.precision.autocast_context`.
+What it does, in order: seeds Python/NumPy/torch once from ``config.seed + rank``; optimises only
+``method.trainable`` (frozen modules are put in eval mode without gradients) through the prepared
+:class:`~cdlm.training.distributed.TrainingModule`; per optimizer step runs ``train.grad_accum`` micro-batches
+under ``accelerator.accumulate`` (``accelerator.backward`` divides each loss by ``grad_accum``; DDP reduces the
+gradients in buckets during the last micro-batch's backward only), clips them (unscaled first under fp16;
+logging the pre-clip norm), steps the optimizer and, unless fp16's scaler skipped the step, the LR schedule and
+the EMA. Mixed precision is Accelerate's (:func:`~cdlm.training.distributed.make_accelerator`).
+
+Data-parallel slots: a step's global batch is ``P × grad_accum`` micro-batches (P processes). Micro-batch j of
+process r is slot ``s = r·grad_accum + j``: its rows come from loader shard s of ``P·grad_accum`` and its random
+draws from the generator ``"objective"`` (j = 0) or ``"objective.j"``, seeded ``config.seed + s``. So a run
+depends on the slot count, not on how slots are laid out: 2 processes × 1 micro-batch train the same model as
+1 process × 2 micro-batches (to fp32 rounding).
 
 Outputs in ``run_dir``: ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON line per log step:
 ``step, loss, lr, grad_norm, tokens_per_s, elapsed_s`` then the objective's metrics, each the mean over the
@@ -21,9 +28,8 @@ Stops: SIGINT, SIGTERM and ``train.max_minutes`` end the run after the current s
 (:mod:`cdlm.training.stop`); a non-finite loss or gradient norm stops it before the update, with a
 :class:`~cdlm.errors.TrainingError` naming the step and the last good checkpoint. Non-finite metric values are
 written as ``null``, so ``metrics.jsonl`` stays valid JSON. On CPU a run interrupted and resumed
-is bit-identical to an uninterrupted one (same world size required). Multi-process: gradients are averaged
-with an explicit all-reduce after the micro-batches (no DDP wrapper: the objective calls the components
-directly); each process saves its own RNG record; ``lr`` and the loader position are the same everywhere.
+is bit-identical to an uninterrupted one (same world size required). Multi-process: each process saves its
+own RNG record; ``lr`` and the loader position are the same everywhere.
 """
 
 from __future__ import annotations
@@ -33,7 +39,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +53,6 @@ from cdlm.config import RunConfig
 from cdlm.data.loader import ResumableLoader
 from cdlm.errors import CheckpointError, TrainingError
 from cdlm.interfaces import Method, TokenBatch
-from cdlm.precision import autocast_context
 from cdlm.training.checkpoint import (
     capture_rng_state,
     checkpoint_dir,
@@ -57,6 +61,7 @@ from cdlm.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from cdlm.training.distributed import TrainingModule, make_accelerator
 from cdlm.training.ema import EMA
 from cdlm.training.optim import build_lr_schedule, build_optimizer
 from cdlm.training.stop import StopRequests
@@ -122,7 +127,7 @@ def train(
     cfg = config.train
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    accelerator = Accelerator(log_with=list(cfg.trackers) or None, project_dir=str(run_dir))
+    accelerator = make_accelerator(cfg, str(run_dir))
     set_seed(config.seed, device_specific=True)  # seed + rank
     if config_yaml is None:
         config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
@@ -136,12 +141,11 @@ def train(
         accelerator.init_trackers(run_dir.name, config=_flat(config.model_dump(mode="json")))
     record: dict[str, float] = {}
     checkpoint = state.resumed_from
-    ctx = autocast_context(accelerator.device, cfg.precision)
     start = last_log = time.perf_counter()
     tokens, stopped = 0, None
     with StopRequests(cfg.max_minutes) as stop:
         while state.step < cfg.steps and stopped is None:
-            stats = state.optimizer_step(ctx, checkpoint)
+            stats = state.optimizer_step(checkpoint)
             tokens += stats.tokens
             elapsed = state.elapsed_base + time.perf_counter() - start
             stopped = state.agree(stop.reason())
@@ -152,7 +156,8 @@ def train(
                 _emit(accelerator, run_dir, record, on_log)
             if state.step % cfg.save_every == 0 or state.step == cfg.steps or stopped:
                 checkpoint = state.save(run_dir, config_yaml, elapsed)
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): it destroys the process group the next stage needs
+        tracker.finish()
     if not record:
         record = _last_record(run_dir / METRICS_FILE)
     return TrainResult(run_dir=run_dir, step=state.step, checkpoint=checkpoint, metrics=record, stopped=stopped)
@@ -163,20 +168,27 @@ class _TrainState:
 
     def __init__(self, config: RunConfig, method: Method, rows: TokenBatch, accelerator: Accelerator) -> None:
         self.config, self.method, self.accelerator = config, method, accelerator
-        rank, world = accelerator.process_index, accelerator.num_processes
-        self.loader = ResumableLoader(
-            rows, config.train.batch_size, seed=config.seed, process_index=rank, num_processes=world
-        )
+        rank, world, accum = accelerator.process_index, accelerator.num_processes, config.train.grad_accum
+        slots = [rank * accum + j for j in range(accum)]  # this process's data-parallel slots, one per micro-batch
+        self.loaders = [
+            ResumableLoader(
+                rows, config.train.batch_size, seed=config.seed, process_index=s, num_processes=world * accum
+            )
+            for s in slots
+        ]
         self.model = method.modules().to(accelerator.device)
         for module in method.frozen.values():
             module.eval().requires_grad_(False)
         for module in method.trainable.values():
             module.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.model.named_parameters(), config.train)
-        self.scheduler = build_lr_schedule(self.optimizer, config.train)
+        optimizer = build_optimizer(self.model.named_parameters(), config.train)
+        self.scheduler = build_lr_schedule(optimizer, config.train)  # stepped here, not by Accelerate
+        self.module, self.optimizer = accelerator.prepare(TrainingModule(method), optimizer)
         self.ema = EMA(self.model, config.train.ema_decay)
-        self.generators = {OBJECTIVE_GENERATOR: torch.Generator().manual_seed(config.seed + rank)}
+        self.generators = {
+            _generator_name(j): torch.Generator().manual_seed(config.seed + s) for j, s in enumerate(slots)
+        }
         self.step, self.elapsed_base = 0, 0.0
         self.resumed_from: Path | None = None
 
@@ -215,7 +227,8 @@ class _TrainState:
                 "config? Train into a new --output-dir"
             ) from None
         self.scheduler.load_state_dict(ckpt.scheduler_state)
-        self.loader.load_state_dict(ckpt.loader_state)
+        for loader in self.loaders:  # every slot's loader is at the same epoch and position
+            loader.load_state_dict(ckpt.loader_state)
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         if len(ckpt.rng_state) == world:
             restore_rng_state(ckpt.rng_state[rank], self.generators)
@@ -235,38 +248,41 @@ class _TrainState:
         reasons = [r for r in gather_object([reason]) if r is not None]
         return reasons[0] if reasons else None
 
-    def optimizer_step(self, ctx: AbstractContextManager[object], last_checkpoint: Path | None) -> _StepStats:
+    def optimizer_step(self, last_checkpoint: Path | None) -> _StepStats:
         """Run one optimizer step over ``grad_accum`` micro-batches and return what it measured.
 
         Raises:
             TrainingError: the loss or the gradient norm is not finite (checked before the update, so the
                 weights and the checkpoints stay finite).
         """
-        cfg = self.config.train
+        cfg, accelerator = self.config.train, self.accelerator
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, Tensor] = {}
-        for _ in range(cfg.grad_accum):
-            batch = next(self.loader).to(self.accelerator.device)
-            with ctx:
-                out = self.method.objective(batch, self.generators[OBJECTIVE_GENERATOR])
-            self.accelerator.backward(out.loss / cfg.grad_accum)
-            for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
+        for j, loader in enumerate(self.loaders):
+            batch = next(loader).to(accelerator.device)
+            with accelerator.accumulate(self.module):  # DDP syncs on the last micro-batch only
+                loss, metrics = self.module(batch, self.generators[_generator_name(j)])
+                accelerator.backward(loss)  # divides by train.grad_accum (= Accelerate's accumulation steps)
+            for key, value in {"loss": loss.detach(), **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float64)
-        self._average_gradients()
         max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)  # pre-clip total norm
-        self._check_finite(sums["loss"], grad_norm, last_checkpoint)
+        grad_norm = accelerator.clip_grad_norm_(self.params, max_norm)  # pre-clip total norm, unscaled under fp16
+        # fp16: an overflow is the scaler's to handle (it skips the step and lowers the scale), not a stop.
+        self._check_finite(sums["loss"], grad_norm if accelerator.scaler is None else None, last_checkpoint)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
-        self.scheduler.step()
-        self.ema.update(self.model)
+        if not accelerator.optimizer_step_was_skipped:
+            self.scheduler.step()
+            self.ema.update(self.model)
         self.step += 1
         means = {key: total / cfg.grad_accum for key, total in sums.items()}
         tokens = cfg.grad_accum * batch.ids.numel() * self.accelerator.num_processes
         return _StepStats(means=means, lr=lr, grad_norm=grad_norm, tokens=tokens)
 
-    def _check_finite(self, loss: Tensor, grad_norm: Tensor, last_checkpoint: Path | None) -> None:
-        bad = (~torch.isfinite(loss.to(grad_norm.device)) | ~torch.isfinite(grad_norm)).float()
+    def _check_finite(self, loss: Tensor, grad_norm: Tensor | None, last_checkpoint: Path | None) -> None:
+        loss = loss.to(self.accelerator.device)
+        bad = ~torch.isfinite(loss) if grad_norm is None else ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
+        bad = bad.float()
         if self.accelerator.num_processes > 1:
             bad = self.accelerator.reduce(bad, reduction="sum")
         if bad.item() == 0:
@@ -274,17 +290,10 @@ class _TrainState:
         where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
         raise TrainingError(
             f"step {self.step + 1}: non-finite loss ({float(loss) / self.config.train.grad_accum}) or gradient norm "
-            f"({float(grad_norm)}); stopped before the update, {where}. Lower train.lr or check the data, then rerun "
+            f"({'not checked' if grad_norm is None else float(grad_norm)}); stopped before the update, {where}. "
+            "Lower train.lr or check the data, then rerun "
             "to resume from that checkpoint"
         )
-
-    def _average_gradients(self) -> None:
-        """Average gradients across processes (a no-op on one process)."""
-        if self.accelerator.num_processes == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        for p, g in zip(self.params, self.accelerator.reduce(grads, reduction="mean"), strict=True):
-            p.grad = g
 
     def save(self, run_dir: Path, config_yaml: str, elapsed_s: float) -> Path:
         """Write a checkpoint of the current step (main process) and wait for every process."""
@@ -297,7 +306,7 @@ class _TrainState:
                 ema_state=self.ema.state_dict(),
                 optimizer_state=self.optimizer.state_dict(),
                 scheduler_state=self.scheduler.state_dict(),
-                loader_state=self.loader.state_dict(),
+                loader_state=self.loaders[0].state_dict(),
                 rng_state=rng,
                 config_yaml=config_yaml,
                 keep_last=self.config.train.keep_last,
@@ -344,6 +353,11 @@ def _emit(
     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
     if on_log is not None:
         on_log(dict(record))
+
+
+def _generator_name(micro_batch: int) -> str:
+    """Name of the objective generator of a process's ``micro_batch``-th slot ("objective", "objective.1", …)."""
+    return OBJECTIVE_GENERATOR if micro_batch == 0 else f"{OBJECTIVE_GENERATOR}.{micro_batch}"
 
 
 def _finite(value: object) -> bool:
