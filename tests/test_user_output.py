@@ -44,3 +44,14 @@ def test_training_progress_without_a_terminal_is_one_line_per_log_step(capsys: p
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "stage vae: 10 steps"
     assert lines[1].startswith("train vae step 5/10  loss 1.5000") and lines[2].startswith("train vae step 10/10")
+
+
+def test_sampling_progress_without_a_terminal_is_periodic_lines(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)  # every step reports
+    with progress.sampling() as on_step:
+        for _ in range(3):
+            on_step(None)  # type: ignore[arg-type]  # the plain hook only counts
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [*(f"sample: {n} solver steps so far" for n in (1, 2, 3)), "sample: done, 3 solver steps"]

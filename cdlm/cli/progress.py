@@ -25,6 +25,8 @@ from rich.progress import (
 from cdlm.sampling.types import StepInfo
 
 stderr = Console(stderr=True)
+PLAIN_EVERY_S = 10.0
+"""Without a terminal, sampling reports its solver steps at most this often (seconds), then once when done."""
 
 
 def say(message: str) -> None:
@@ -94,9 +96,19 @@ def training(total_steps: int) -> Iterator[TrainingProgress]:
 
 @contextmanager
 def sampling() -> Iterator[Callable[[StepInfo], None]]:
-    """Yield an ``on_step`` hook that shows the solver step and time on a terminal (nothing elsewhere)."""
+    """Yield an ``on_step`` hook: a live line on a terminal; elsewhere a plain line every :data:`PLAIN_EVERY_S`."""
     if not stderr.is_terminal:
-        yield lambda info: None
+        last, total = time.monotonic(), 0
+
+        def plain(info: StepInfo) -> None:
+            nonlocal last, total
+            total += 1
+            if time.monotonic() - last >= PLAIN_EVERY_S:
+                last = time.monotonic()
+                say(f"sample: {total} solver steps so far")
+
+        yield plain
+        say(f"sample: done, {total} solver steps")
         return
     with Progress(TextColumn("[bold]sample"), TextColumn("{task.description}"), console=stderr) as bar:
         task = bar.add_task("", total=None)
