@@ -5,8 +5,8 @@ Rounds of :func:`cdlm.train`, each halving the student's steps and starting from
 Round 1 starts from the teacher's EMA weights; the teacher stays the same in every round. A round is one stage of
 a staged config: the stages of ``recipe`` when given, otherwise generated from the teacher's own config
 (``model.distill.steps`` student steps in round 1, halved each round, with ``steps × teacher_steps`` teacher
-sub-steps over the whole path kept constant). Each round trains into ``OUTPUT_DIR/<stage name>`` as a run of its
-own (rerun to resume), with the teacher's tokenizer.
+sub-steps over the whole path kept constant). The rounds run as one staged :func:`cdlm.train` into ``OUTPUT_DIR``
+(round k in ``OUTPUT_DIR/<stage name>``; rerun to resume), with the teacher's tokenizer.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from cdlm.config import RunConfig
 from cdlm.data.tokenize import TOKENIZER_FILE
 from cdlm.errors import RecipeError
 from cdlm.loading import read_source
-from cdlm.recipes import load_recipe, raw_config, stage_config, with_overrides
+from cdlm.recipes import load_recipe, raw_config, with_overrides
 from cdlm.runs import train as train_run
 from cdlm.training.distill import DistillConfig
 from cdlm.training.loop import TrainResult
@@ -76,6 +76,11 @@ def plan(
         if not 1 <= rounds <= len(raw["stages"]):
             raise RecipeError(f"--rounds {rounds}: the recipe has {len(raw['stages'])} rounds (stages)")
         raw["stages"] = raw["stages"][:rounds]
+    # round 1 starts from the teacher, every later one from the round before (cdlm.train's default for stages),
+    # each from the EMA weights (spec §8)
+    raw["train"] = {**raw.get("train", {}), "init_from": None, "init_weights": "ema"}
+    first = raw["stages"][0].setdefault("overrides", {})
+    first["train"] = {**first.get("train", {}), "init_from": str(teacher)}
     return with_overrides(raw, overrides)
 
 
@@ -107,26 +112,12 @@ def distill(
     """
     config = plan(teacher, rounds=rounds, recipe=recipe, overrides=overrides)
     out = Path(output_dir)
-    start: str | Path = teacher
-    result = None
-    for stage in config.stages:
-        round_cfg = stage_config(config, stage.name)
-        run_dir = out / stage.name
-        start_from = {"init_from": str(start), "init_weights": "ema"}  # a round starts from the EMA (spec §8)
-        round_cfg = round_cfg.model_copy(update={"train": round_cfg.train.model_copy(update=start_from)})
-        _share_tokenizer(teacher, run_dir)
-        if on_stage is not None:
-            on_stage(stage.name, round_cfg.train.steps)
-        result = train_run(round_cfg, run_dir, on_log=on_log, on_status=on_status)
-        if result.stopped:
-            break
-        start = run_dir
-    assert result is not None  # plan() gives at least one round
-    return result
+    _share_tokenizer(teacher, out)
+    return train_run(config, out, on_log=on_log, on_status=on_status, on_stage=on_stage)
 
 
 def _share_tokenizer(teacher: str | Path, run_dir: Path) -> None:
-    """Put the teacher's trained BPE in ``run_dir`` so the round trains on the teacher's token ids."""
+    """Put the teacher's trained BPE in ``run_dir`` so every round trains on the teacher's token ids."""
     trained = read_source(teacher).tokenizer_dir / TOKENIZER_FILE
     run_dir.mkdir(parents=True, exist_ok=True)
     if trained.is_file() and not (run_dir / TOKENIZER_FILE).is_file():
