@@ -157,12 +157,3 @@ def write_checkpoint_dir(
     provenance = {"step": step, "source": source}
     (directory / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     return directory
-
-
-def read_card_metrics(run_dir: Path) -> dict[str, float] | None:
-    """Return the last record of a run's ``metrics.jsonl`` (None when there is none)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return json.loads(lines[-1]) if lines else None

@@ -26,12 +26,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from cdlm.config import RunConfig
 from cdlm.data.tokenize import TOKENIZER_FILE, load_tokenizer
 from cdlm.errors import CheckpointError, DataError
-from cdlm.export import PROVENANCE_FILE, is_pretrained_dir, read_card_metrics, read_pretrained_dir
+from cdlm.export import PROVENANCE_FILE, is_pretrained_dir, read_pretrained_dir
 from cdlm.hub import resolve_source
 from cdlm.interfaces import Method, ReleasedFormat
 from cdlm.recipes import load_recipe, with_overrides
 from cdlm.registry import get_method, installed_methods
 from cdlm.training.checkpoint import CHECKPOINTS, CONFIG_FILE, EMA_FILE, MODEL_FILE, latest_checkpoint
+from cdlm.training.loop import METRICS_FILE, last_record
 
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 
@@ -106,7 +107,8 @@ def _read_cdlm(ckpt: Path, overrides: Sequence[str]) -> Source:
     for record in (ckpt / "trainer_state.json", ckpt / PROVENANCE_FILE):  # a training checkpoint, a converted one
         if record.is_file():
             step = json.loads(record.read_text(encoding="utf-8")).get("step")
-    return Source(config, weights, ema, step, ckpt, "cdlm", _tokenizer_dir(run_dir, config), read_card_metrics(run_dir))
+    metrics = last_record(run_dir / METRICS_FILE) or None
+    return Source(config, weights, ema, step, ckpt, "cdlm", _tokenizer_dir(run_dir, config), metrics)
 
 
 def _load_safetensors(path: Path) -> dict[str, Tensor]:

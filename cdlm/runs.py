@@ -130,7 +130,7 @@ def _train_one(
     _check_vocab(data.tokenizer, method, f"data.tokenizer={config.data.tokenizer!r}")
     if config.train.init_from is not None:
         init = read_source(config.train.init_from)
-        load_weights(method, init, use_ema=config.train.init_weights == "ema" and init.ema is not None)
+        load_weights(method, init, use_ema=config.train.init_weights == "ema")
     yaml_text = to_yaml(config)
     return loop.train(config, method, run_dir, data.rows, config_yaml=yaml_text, on_log=on_log, on_status=on_status)
 
@@ -229,10 +229,6 @@ def save_pretrained(model: Pretrained, directory: str | Path, *, max_shard_bytes
     )
 
 
-CONVERT_TARGETS = ("cdlm", "hf")
-"""``convert`` targets of the core; every installed plugin's released formats add theirs (``elf-official``, …)."""
-
-
 def convert(
     source: str | Path | RunConfig, destination: str | Path, *, to: str = "cdlm", overrides: Sequence[str] = ()
 ) -> Path:
@@ -270,7 +266,7 @@ def convert(
         )
     if to == "hf":
         use_ema = src.config.sample.use_ema and src.ema is not None
-        shipped = {**weights, **(src.ema if use_ema and src.ema is not None else {})}
+        shipped = {**weights, **(src.ema if use_ema else {})}
         return export.save_pretrained(
             destination,
             config=src.config,

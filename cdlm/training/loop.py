@@ -159,7 +159,7 @@ def train(
     for tracker in accelerator.trackers:  # not end_training(): it destroys the process group the next stage needs
         tracker.finish()
     if not record:
-        record = _last_record(run_dir / METRICS_FILE)
+        record = last_record(run_dir / METRICS_FILE)
     return TrainResult(run_dir=run_dir, step=state.step, checkpoint=checkpoint, metrics=record, stopped=stopped)
 
 
@@ -364,8 +364,8 @@ def _finite(value: object) -> bool:
     return not isinstance(value, float) or math.isfinite(value)
 
 
-def _last_record(path: Path) -> dict[str, float]:
-    """Return the last line of a metrics file as a record ({} when there is none)."""
+def last_record(path: Path) -> dict[str, float]:
+    """Return the last line of a metrics file (``RUN_DIR/metrics.jsonl``) as a record ({} when there is none)."""
     if not path.is_file():
         return {}
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
