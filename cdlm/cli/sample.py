@@ -11,6 +11,7 @@ import typer
 import cdlm
 from cdlm.cli import progress
 from cdlm.errors import CdlmError, DataError, OutputError
+from cdlm.jsonl import read_records
 from cdlm.validation import check_output_file
 
 
@@ -23,36 +24,22 @@ def _read_prompts(
     """
     if prompts_file is None:
         return prompt or None, None
-    if not prompts_file.is_file():
-        raise DataError(f"--prompts-file {prompts_file}: no such file")
     texts = list(prompt or [])
     ids: list[int | str | None] = [None] * len(texts)
-    try:
-        content = prompts_file.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"--prompts-file {prompts_file}: not UTF-8 text (invalid byte at offset {err.start})") from None
-    except OSError as err:
-        raise DataError(f"--prompts-file {prompts_file}: cannot be read ({err.strerror})") from None
-    for number, line in enumerate(content.splitlines(), 1):
-        if line.strip():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-            text = record.get("prompt", record.get("source")) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                found = "not JSON" if record is None else f"got {line.strip()[:60]}"
-                raise DataError(
-                    f'--prompts-file {prompts_file}:{number}: expected a JSON object with a "prompt" (or "source") '
-                    f"string, {found}"
-                )
-            texts.append(text)
-            sample_id = record.get("id")
-            if sample_id is not None and (isinstance(sample_id, bool) or not isinstance(sample_id, int | str)):
-                raise DataError(
-                    f'--prompts-file {prompts_file}:{number}: "id" must be an integer or a string, got {sample_id!r}'
-                )
-            ids.append(sample_id)
+    for number, record in read_records(prompts_file, "--prompts-file"):
+        text = record.get("prompt", record.get("source"))
+        if not isinstance(text, str):
+            raise DataError(
+                f'--prompts-file {prompts_file}:{number}: expected a JSON object with a "prompt" (or "source") '
+                f"string, got {json.dumps(record)[:60]}"
+            )
+        texts.append(text)
+        sample_id = record.get("id")
+        if sample_id is not None and (isinstance(sample_id, bool) or not isinstance(sample_id, int | str)):
+            raise DataError(
+                f'--prompts-file {prompts_file}:{number}: "id" must be an integer or a string, got {sample_id!r}'
+            )
+        ids.append(sample_id)
     if not texts:
         raise DataError(f"--prompts-file {prompts_file}: no prompts in the file")
     return texts, ids if any(i is not None for i in ids) else None

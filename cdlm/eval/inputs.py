@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from cdlm.errors import DataError
+from cdlm.jsonl import read_records
 
 TEXT_FIELDS = ("text", "generated", "generate")
 """Where a samples file holds the text: cdlm's ``text``, ELF's ``generated``, Cola's ``generate``."""
@@ -15,24 +15,12 @@ TARGET_FIELDS = ("target", "reference", "tgt", "summary")
 
 
 def read_jsonl(path: Path, flag: str) -> list[dict[str, Any]]:
-    """Read a JSONL file of objects (blank lines skipped).
+    """Read a JSONL file of objects (blank lines skipped; see :func:`cdlm.jsonl.read_records`).
 
     Raises:
-        DataError: the file is missing, a line is not a JSON object, or there is no line.
+        DataError: the file is missing or not UTF-8, a line is not a JSON object, or there is no line.
     """
-    if not path.is_file():
-        raise DataError(f"{flag} {path}: no such file")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: not JSON ({err.msg}); {flag} expects one JSON object per line") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object, found {type(record).__name__}")
-        records.append(record)
+    records = [record for _, record in read_records(path, flag)]
     if not records:
         raise DataError(f"{flag} {path}: the file has no records")
     return records
