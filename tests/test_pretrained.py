@@ -180,3 +180,17 @@ def test_official_elf_checkpoint_samples_converts_and_goes_back(run: Path, tmp_p
     for key in ("params", "ema_params1"):
         assert again[key].keys() == payload[key].keys()
         assert all(torch.equal(again[key][k], payload[key][k]) for k in payload[key])
+
+
+def test_raw_weights_flag_samples_the_raw_weights(run: Path, tmp_path: Path) -> None:
+    args = ["--num-samples", "2", "--steps", "3"]
+    outs = {}
+    for flag in ("--ema", "--raw-weights"):
+        out = tmp_path / f"{flag.strip('-')}.jsonl"
+        done = cli("sample", "--checkpoint", str(run), *args, flag, "-o", str(out))
+        assert done.returncode == 0, done.stderr
+        outs[flag] = [json.loads(line)["ids"] for line in out.read_text().splitlines()]
+    for flag, use_ema in (("--ema", "true"), ("--raw-weights", "false")):
+        api = cdlm.sample(run, overrides=[*SAMPLE, f"sample.use_ema={use_ema}"])
+        assert outs[flag] == [s.ids for s in api]
+    assert outs["--ema"] != outs["--raw-weights"]  # 2 steps: EMA and raw weights differ
