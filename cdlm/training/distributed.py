@@ -60,7 +60,7 @@ class TrainingModule(nn.Module):
         return out.loss, dict(out.metrics)
 
 
-def make_accelerator(cfg: TrainConfig, project_dir: str) -> Accelerator:
+def make_accelerator(cfg: TrainConfig, project_dir: str | None) -> Accelerator:
     """Create the run's Accelerator from ``train`` settings and the launch environment, refusing what is unsupported.
 
     Mixed precision: ``train.precision`` bf16 (or auto on CUDA) becomes Accelerate's ``bf16``; a launch setting
@@ -68,7 +68,7 @@ def make_accelerator(cfg: TrainConfig, project_dir: str) -> Accelerator:
 
     Args:
         cfg: the run's ``train`` section.
-        project_dir: the run directory (trackers write there).
+        project_dir: the run directory (trackers write there), or None.
 
     Returns:
         The Accelerator, with ``gradient_accumulation_steps = train.grad_accum``.
