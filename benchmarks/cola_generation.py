@@ -8,7 +8,8 @@ must give the same tokens (checked), and block latents within 1e-4 of the refere
     python benchmarks/cola_generation.py                 # CPU, one thread, the spec §16 tiny configuration
     python benchmarks/cola_generation.py --device cuda --size small --batch 16
 
-Paths (``ColaPipeline(cfg_batching=…, history=…, planning=…)``):
+Paths (``cola_reference.pipeline(…, cfg_batching, history, planning)``; only ``fast`` is the library's
+``ColaPipeline``, the others run it the ways of benchmarks/cola_reference.py):
   reference   two_pass + kv_cache  + per_call   THE BASELINE, the reference's way (spec §3, §5, §6): a cond
                                                 forward reading the cache and a separate uncond forward per
                                                 Euler step; every call rebuilds the mask, positions and RoPE
@@ -34,12 +35,13 @@ import statistics
 import time
 
 import torch
+from cola_reference import CfgBatching, History, Planning
+from cola_reference import pipeline as cola_pipeline
 
-from cdlm.config import SampleConfig
 from cdlm.interfaces import GenerateRequest
-from cdlm_cola.config import ColaConfig, ColaDitConfig, ColaVaeConfig
+from cdlm_cola.config import ColaConfig, ColaDitConfig, ColaSampleConfig, ColaVaeConfig
 from cdlm_cola.dit import ColaDiT
-from cdlm_cola.generate import CfgBatching, ColaPipeline, History, Planning
+from cdlm_cola.generate import ColaPipeline
 from cdlm_cola.vae import ColaTextVAE
 
 SIZES = {
@@ -82,7 +84,7 @@ def build(size: str, device: torch.device) -> tuple[ColaTextVAE, ColaDiT]:
 def pipeline(vae: ColaTextVAE, dit: ColaDiT, path: str) -> ColaPipeline:
     cfg = ColaConfig(pad_id=3, eos_id=0, im_end_id=None, per_sample_noise_seed=66)  # no early EOS stop
     cfg_batching, history, planning, _ = PATHS[path]
-    return ColaPipeline(cfg, vae, dit, cfg_batching=cfg_batching, history=history, planning=planning)
+    return cola_pipeline(cfg, vae, dit, cfg_batching, history, planning)
 
 
 def make_request(batch: int, blocks: int, steps: int, block_size: int) -> GenerateRequest:
@@ -90,7 +92,7 @@ def make_request(batch: int, blocks: int, steps: int, block_size: int) -> Genera
     gen = torch.Generator().manual_seed(1)
     lengths = [int(n) for n in torch.randint(1, 6 * block_size, (batch,), generator=gen)]
     prompts = [torch.randint(4, VOCAB, (n,), generator=gen).tolist() for n in lengths]
-    settings = SampleConfig(
+    settings = ColaSampleConfig(
         steps=steps, sampler="euler", grid="uniform", cfg=7.0, temperature=0.0, repetition_penalty=1.1,
         max_new_tokens=blocks * block_size, batch_size=batch,
     )  # fmt: skip

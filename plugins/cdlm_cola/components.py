@@ -1,27 +1,30 @@
 """Cola's components behind the core interfaces: the VAE encoder, the DiT and the VAE decoder (Cola spec §2, §3, §6).
 
 Generation runs one block of ``bs`` latents per row at a time (spec §6.1). A :class:`ColaCond` says where each
-row's block sits in its sample: the history it attends to, held in the networks' KV caches (the reference's
-way) or recomputed from its clean latents at every call (the uncached check), and the repainted prompt
-positions. Latents everywhere are the DiT's scaled ones, ``(z − shift)·scale``; the decoder reads them as they
-are, never inverse-transformed, exactly as the reference does (hazard H4).
+row's block sits in its sample: the history it reads and the repainted prompt positions. The history is a
+:class:`ColaGenerationState`, which generation creates per batch and every cond carries: the two networks' KV
+caches, extended only by its explicit commits. No module holds any of it, so the networks' forwards have no
+side effects and generations that share a model may interleave. Latents everywhere are the DiT's scaled ones,
+``(z − shift)·scale``; the decoder reads them as they are, never inverse-transformed, exactly as the reference
+does (hazard H4).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from cdlm.interfaces import Denoiser, Discretizer, Embedder, TokenBatch
 from cdlm_cola.dit import ColaDiT
-from cdlm_cola.layout import BlockPlan
+from cdlm_cola.kv_cache import KVCache
+from cdlm_cola.layout import BlockPlan, HeadTable
 from cdlm_cola.schedule import ColaSchedule
-from cdlm_cola.vae import ColaTextVAE, VaeEncoding, posterior_sample
+from cdlm_cola.vae import ColaTextVAE, posterior_sample
 
-CLEAN = 1.0
+DATA_TIME = 1.0
 """Core time of clean latents (Cola time 0): the history and the repainted prompt positions (spec §6.1)."""
 
 
@@ -30,30 +33,17 @@ class ColaCond:
     """Where the current block of every row sits in its sample (spec §4.1, §5, §6.1).
 
     Attributes:
-        cached: per row, the length of its history in the KV caches, which it reads (rows with a length map,
-            in order, onto the cached samples), or None for a fresh sequence that reads no history.
-        context: per row, (h_i, C) clean history latents recomputed at every call instead of read from a
-            cache (the uncached path; then every ``cached`` entry is None), or None.
+        cached: per row, the length of its history, which it reads from ``state`` (rows with a length map, in
+            order, onto the state's samples), or None for a fresh sequence that reads no history.
+        state: the generation state holding the history, or None when there is none.
         pinned: (B, bs) bool, True on repainted prompt positions (first block only), or None.
         clean: (B, bs, C) the clean latents the pinned positions hold (other entries unused), or None.
     """
 
     cached: tuple[int | None, ...]
-    context: tuple[Tensor, ...] | None = None
+    state: ColaGenerationState | None = None
     pinned: Tensor | None = None
     clean: Tensor | None = None
-
-    @classmethod
-    def from_cache(cls, lengths: Sequence[int], pinned: Tensor | None = None, clean: Tensor | None = None) -> ColaCond:
-        """Rows that continue the cached samples, whose histories hold ``lengths`` latents."""
-        return cls(tuple(int(n) for n in lengths), None, pinned, clean)
-
-    @classmethod
-    def from_history(
-        cls, history: Sequence[Tensor], pinned: Tensor | None = None, clean: Tensor | None = None
-    ) -> ColaCond:
-        """Rows whose clean histories (h_i, C) are recomputed at every call (no KV cache)."""
-        return cls((None,) * len(history), tuple(history), pinned, clean)
 
     def __len__(self) -> int:
         return len(self.cached)
@@ -64,14 +54,13 @@ class ColaCond:
         Each is a fresh sequence of one block, so its RoPE positions are 0..bs−1; repainted prompt positions
         stay in it (they are part of the block).
         """
-        context = None if self.context is None else tuple(c[:0] for c in self.context)
-        return ColaCond((None,) * len(self), context, self.pinned, self.clean)
+        return replace(self, cached=(None,) * len(self))
 
     def with_null_rows(self) -> ColaCond:
         """Return 2B rows: these B conditional rows, then their B unconditional ones (:meth:`null`)."""
-        null = self.null()
-        context = None if self.context is None or null.context is None else self.context + null.context
-        return ColaCond(self.cached + null.cached, context, _twice(self.pinned), _twice(self.clean))
+        return replace(
+            self, cached=self.cached + self.null().cached, pinned=_twice(self.pinned), clean=_twice(self.clean)
+        )
 
     def restore(self, z: Tensor) -> Tensor:
         """Re-pin the repainted prompt positions of z (B, bs, C) to their clean latents (spec §6.1 step 7.2)."""
@@ -84,16 +73,66 @@ def _twice(u: Tensor | None) -> Tensor | None:
     return None if u is None else torch.cat([u, u])
 
 
-class ReferenceVAE(ColaTextVAE):
-    """The frozen reference encoder ``q_φref`` of Stage 2 (spec §9.1): the VAE as it stands when joint training starts.
+class ColaGenerationState:
+    """One batch's generation state (spec §6.1): its history in the DiT's and the VAE decoder's KV caches.
 
-    Built as a copy of ``vae``; at its first :meth:`encode` it copies ``vae``'s weights again and sets the
-    persistent ``synced`` flag. A Stage-2 run that starts from a Stage-1 checkpoint (``train.init_from``) thus
-    anchors to the trained Stage-1 VAE, and a resumed run keeps the reference it saved. Stages that never
-    encode with it (``vae``, ``dit``, sampling) only carry it, so every stage has the same checkpoint keys.
+    Generation creates one per batch and hands it to the networks explicitly, in every cond it makes
+    (:meth:`cond`); only :meth:`decode` and :meth:`commit` extend it. Between the two the decoder's cache is
+    one block ahead of the DiT's.
 
     Args:
-        vae: the live VAE (not registered as a submodule).
+        denoiser: the DiT, whose cache this holds.
+        decoder: the VAE decoder, whose cache this holds.
+        prefix: per sample, its clean history latents (n_i, C) (n_i may be 0), committed to both caches at
+            Cola time 0: the prefill (spec §6.1 step 6).
+
+    Attributes:
+        lengths: per sample, the history latents in the DiT's cache.
+        dit: the DiT's cache, or None while it holds nothing.
+        vae: the VAE decoder's cache, or None while it holds nothing.
+        heads: the DiT's timestep table, shared by the plans of every block.
+    """
+
+    def __init__(self, denoiser: ColaDenoiser, decoder: ColaDecoder, prefix: Sequence[Tensor]) -> None:
+        self.denoiser, self.decoder = denoiser, decoder
+        self.lengths = [p.shape[0] for p in prefix]
+        self.dit: KVCache | None = None
+        self.vae: KVCache | None = None
+        self.heads: HeadTable = {}
+        if any(self.lengths):
+            self.dit, self.vae = denoiser.append(prefix), decoder.append(prefix)
+
+    def cond(self, pinned: Tensor | None = None, clean: Tensor | None = None) -> ColaCond:
+        """Return the next block's rows, one per sample, reading this history; ``pinned``, ``clean`` as in ColaCond."""
+        return ColaCond(tuple(self.lengths), self, pinned, clean)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Return the logits (B, bs·ps, V) of the block z (B, bs, C), committing it to the decoder cache (§6.1 7.3)."""
+        logits, self.vae = self.decoder.commit(z, self.cond())
+        return logits
+
+    def commit(self, z: Tensor) -> int:
+        """Commit the block's final latents z (B, bs, C) to the DiT's cache at Cola time 0 (spec §6.1 step 7.6).
+
+        Returns:
+            The network evaluations spent: 1.
+        """
+        self.dit = self.denoiser.append(list(z), self.dit)
+        self.lengths = [n + z.shape[1] for n in self.lengths]
+        return 1
+
+
+class ReferenceVAE(ColaTextVAE):
+    """The frozen reference encoder ``q_φref`` of Stage 2 (spec §9.1): the VAE as it stood when joint training started.
+
+    Built as a copy of ``vae``, so that every stage saves the same keys. :meth:`anchor` takes the VAE's weights
+    again, once: the joint objective calls it before its first loss, after the core has loaded any
+    ``train.init_from`` weights and resumed any checkpoint, so a Stage-2 run started from a Stage-1 checkpoint
+    anchors to the trained Stage-1 VAE. The persistent ``synced`` flag records it, so a resumed run keeps the
+    reference it saved. Stages that never encode with it (``vae``, ``dit``, sampling) only carry it.
+
+    Args:
+        vae: the VAE to copy (not kept).
     """
 
     def __init__(self, vae: ColaTextVAE) -> None:
@@ -102,20 +141,19 @@ class ReferenceVAE(ColaTextVAE):
             super().__init__(vae.config)
         self.to_empty(device=device)
         self.register_buffer("synced", torch.zeros((), dtype=torch.bool, device=device))
-        self._source = (vae,)  # a tuple: the live VAE must not become a submodule (its keys would repeat)
-        self._copy()
+        self._copy(vae)
 
     @torch.no_grad()
-    def _copy(self) -> None:
-        for mine, theirs in zip(self.parameters(), self._source[0].parameters(), strict=True):
-            mine.copy_(theirs)
-
-    def encode(self, ids: Sequence[Tensor]) -> VaeEncoding:
-        """Encode like :meth:`ColaTextVAE.encode`, first taking the live VAE's weights if not yet synced."""
+    def anchor(self, vae: ColaTextVAE) -> None:
+        """Take ``vae``'s weights and set ``synced``, unless this reference has anchored already."""
         if not bool(self.synced):
-            self._copy()
+            self._copy(vae)
             self.synced.fill_(True)
-        return super().encode(ids)
+
+    @torch.no_grad()
+    def _copy(self, vae: ColaTextVAE) -> None:
+        for mine, theirs in zip(self.parameters(), vae.parameters(), strict=True):
+            mine.copy_(theirs)
 
 
 class ColaEmbedder(Embedder):
@@ -174,64 +212,52 @@ class ColaDenoiser(Denoiser):
     ) -> Tensor:
         """Return the raw DiT output (B, bs, C), Cola's velocity, for blocks z (B, bs, C) at core times t (B,).
 
-        Repainted positions are evaluated as clean (Cola time 0); the history comes from the KV cache or is
-        recomputed from ``cond.context``. ``self_cond`` is unused (Cola has no self-conditioning). ``plan``, from
-        :meth:`plan` for these rows, takes the DiT's per-block fast path (same numbers to ≤ 1e-6).
+        Repainted positions are evaluated as clean (Cola time 0); the history is read from the DiT cache of
+        ``cond.state``. ``self_cond`` is unused (Cola has no self-conditioning). ``plan``, from :meth:`plan` for
+        these rows, takes the DiT's per-block fast path (same numbers to ≤ 1e-6).
         """
         rows, bs, _ = z.shape
         t_tok = t.float()[:, None].expand(rows, bs)  # (B, bs)
         if cond.pinned is not None:
-            t_tok = torch.where(cond.pinned, CLEAN, t_tok)
-        if cond.context is None:
-            timestep = self.schedule.model_time(t_tok).flatten()  # (B·bs,)
-            if plan is not None:
-                return self.dit.step(z.flatten(0, 1), timestep, plan).unflatten(0, (rows, bs))
-            k_lens, readers = self._lengths(cond, bs), [n is not None for n in cond.cached]
-            out = self.dit(z.flatten(0, 1), k_lens, [bs] * rows, timestep, use_kv_cache=readers)  # (B·bs, C)
-            return out.unflatten(0, (rows, bs))
-        clean = [torch.full((c.shape[0],), CLEAN, device=z.device) for c in cond.context]
-        txt, lens = _with_context(cond.context, z)
-        timestep = self.schedule.model_time(torch.cat([u for pair in zip(clean, t_tok, strict=True) for u in pair]))
-        return _tails(self.dit(txt, lens, lens, timestep), lens, bs)
-
-    def plan(self, cond: ColaCond) -> BlockPlan | None:
-        """Plan the DiT calls of one block for the rows of ``cond`` (:meth:`ColaDiT.plan`); make one per block.
-
-        Returns:
-            The plan, or None for rows whose history is recomputed at every call (``cond.context``).
-        """
-        if cond.context is not None:
-            return None
-        bs = self.dit.config.block_size
+            t_tok = torch.where(cond.pinned, DATA_TIME, t_tok)
+        timestep = self.schedule.model_time(t_tok).flatten()  # (B·bs,)
+        if plan is not None:
+            return self.dit.step(z.flatten(0, 1), timestep, plan).unflatten(0, (rows, bs))
+        cache = None if cond.state is None else cond.state.dit
         readers = [n is not None for n in cond.cached]
-        return self.dit.plan(self._lengths(cond, bs), [bs] * len(cond), use_kv_cache=readers)
+        out = self.dit(z.flatten(0, 1), _k_lens(cond, bs), [bs] * rows, timestep, cache=cache, readers=readers)
+        return out.unflatten(0, (rows, bs))  # (B, bs, C)
 
-    @staticmethod
-    def _lengths(cond: ColaCond, bs: int) -> list[int]:
-        """Keys per row of a cached-history call: its history (none for a fresh row) and its block."""
-        return [(n or 0) + bs for n in cond.cached]
+    def plan(self, cond: ColaCond) -> BlockPlan:
+        """Plan the DiT calls of one block for the rows of ``cond`` (:meth:`ColaDiT.plan`); make one per block."""
+        bs, state = self.dit.config.block_size, cond.state
+        return self.dit.plan(
+            _k_lens(cond, bs),
+            [bs] * len(cond),
+            cache=None if state is None else state.dit,
+            readers=[n is not None for n in cond.cached],
+            heads=None if state is None else state.heads,
+        )
 
-    def append(self, latents: Sequence[Tensor], cached: Sequence[int]) -> None:
-        """Commit clean latents (n_i, C) per sample to the DiT's KV cache at Cola time 0 (spec §6.1 steps 6, 7.6).
+    def append(self, latents: Sequence[Tensor], cache: KVCache | None = None) -> KVCache:
+        """Return ``cache`` with clean latents committed at Cola time 0 (spec §6.1 steps 6, 7.6).
 
         Keys and values come from a fresh forward at t = 0 (not from the last Euler step), as in the reference.
 
         Args:
-            latents: per sample, the latents to append (n_i may be 0).
-            cached: per sample, how many latents its cache already holds.
+            latents: per sample, the latents (n_i, C) to append (n_i may be 0).
+            cache: the DiT's cache of these samples, or None before the first commit.
         """
-        q_lens = [x.shape[0] for x in latents]
         txt = torch.cat(list(latents))  # (Σn, C)
-        timestep = self.schedule.model_time(torch.full((txt.shape[0],), CLEAN, device=txt.device))
-        k_lens = [c + q for c, q in zip(cached, q_lens, strict=True)]
-        self.dit(txt, k_lens, q_lens, timestep, update_kv=True, use_kv_cache=True)
+        timestep = self.schedule.model_time(torch.full((txt.shape[0],), DATA_TIME, device=txt.device))
+        return self.dit.commit(txt, *_commit_lengths(latents, cache), timestep, cache)[1]
 
 
 class ColaDecoder(Discretizer):
     """The VAE decoder on one block per row; token j is read from latent ⌊j / ps⌋ (spec §2.4).
 
     Args:
-        vae: the text VAE (its decoder and decoder KV cache are used).
+        vae: the text VAE (its decoder is used).
     """
 
     def __init__(self, vae: ColaTextVAE) -> None:
@@ -241,37 +267,44 @@ class ColaDecoder(Discretizer):
     def forward(self, z: Tensor, cond: ColaCond) -> Tensor:
         """Return logits (B, bs·ps, V) for the scaled latents z (B, bs, C), fed as they are (H4).
 
-        With cached histories the block is also committed to the decoder's cache, as the reference's
-        block decode does (``update_kv=True``, spec §6.1 step 7.3); ``cond`` has no unconditional rows here.
+        The history is read from the decoder cache of ``cond.state``; ``cond`` has no unconditional rows here.
         """
-        rows, bs, _ = z.shape
-        if cond.context is None:
-            assert all(n is not None for n in cond.cached), "the decoder reads conditional rows only"
-            k_lens = [(n or 0) + bs for n in cond.cached]
-            logits = self.vae.decode(z.flatten(0, 1), k_lens, [bs] * rows, update_kv=True)  # (B·bs·ps, V)
-            return logits.unflatten(0, (rows, -1))
-        txt, lens = _with_context(cond.context, z)
-        ps = self.vae.config.patch_size
-        return _tails(self.vae.decode(txt, lens, lens), [n * ps for n in lens], bs * ps)
+        cache = None if cond.state is None else cond.state.vae
+        return self.vae.decode(z.flatten(0, 1), *_block_lengths(z, cond), cache=cache).unflatten(0, (z.shape[0], -1))
 
-    def append(self, latents: Sequence[Tensor], cached: Sequence[int]) -> None:
-        """Commit clean latents (n_i, C) per sample to the decoder's KV cache, discarding the logits (§6.1 step 6).
+    def commit(self, z: Tensor, cond: ColaCond) -> tuple[Tensor, KVCache]:
+        """Decode as :meth:`forward` does and also return the decoder cache with the block appended.
+
+        The reference's block decode (``update_kv=True``, spec §6.1 step 7.3); ``cond.state`` is left as it is.
+        """
+        cache = None if cond.state is None else cond.state.vae
+        logits, extended = self.vae.decode_commit(z.flatten(0, 1), *_block_lengths(z, cond), cache)  # (B·bs·ps, V)
+        return logits.unflatten(0, (z.shape[0], -1)), extended
+
+    def append(self, latents: Sequence[Tensor], cache: KVCache | None = None) -> KVCache:
+        """Return ``cache`` with clean latents committed, discarding the logits (the prefill, spec §6.1 step 6).
 
         Args:
-            latents: per sample, the latents to append (n_i may be 0).
-            cached: per sample, how many latents its cache already holds.
+            latents: per sample, the latents (n_i, C) to append (n_i may be 0).
+            cache: the decoder's cache of these samples, or None before the first commit.
         """
-        q_lens = [x.shape[0] for x in latents]
-        k_lens = [c + q for c, q in zip(cached, q_lens, strict=True)]
-        self.vae.decode(torch.cat(list(latents)), k_lens, q_lens, update_kv=True)
+        return self.vae.decode_commit(torch.cat(list(latents)), *_commit_lengths(latents, cache), cache)[1]
 
 
-def _with_context(context: Sequence[Tensor], z: Tensor) -> tuple[Tensor, list[int]]:
-    """Lay out ``[context_i ; z_i]`` per row in the NA layout: (Σ(h_i + bs), C) and the per-row lengths."""
-    txt = torch.cat([u for pair in zip(context, z, strict=True) for u in pair])
-    return txt, [c.shape[0] + z.shape[1] for c in context]
+def _k_lens(cond: ColaCond, bs: int) -> list[int]:
+    """Keys per row of a block call: its history (none for a fresh row) and its block."""
+    return [(n or 0) + bs for n in cond.cached]
 
 
-def _tails(out: Tensor, lens: Sequence[int], n: int) -> Tensor:
-    """Return the last ``n`` rows of every sample of an NA-layout output (ΣL, …) as (B, n, …)."""
-    return torch.stack([o[-n:] for o in out.split(list(lens))])
+def _block_lengths(z: Tensor, cond: ColaCond) -> tuple[list[int], list[int]]:
+    """Return the key and query lengths of a decoder call on the blocks z (B, bs, C) of conditional rows."""
+    assert all(n is not None for n in cond.cached), "the decoder reads conditional rows only"
+    rows, bs, _ = z.shape
+    return _k_lens(cond, bs), [bs] * rows
+
+
+def _commit_lengths(latents: Sequence[Tensor], cache: KVCache | None) -> tuple[list[int], list[int]]:
+    """Return the key and query lengths of a commit of ``latents`` (n_i, C) per sample after ``cache``."""
+    q_lens = [x.shape[0] for x in latents]
+    cached = (cache.lengths if cache is not None else []) or [0] * len(q_lens)
+    return [c + q for c, q in zip(cached, q_lens, strict=True)], q_lens

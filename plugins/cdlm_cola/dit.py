@@ -5,7 +5,9 @@ output is the velocity ``z_1 − z_0`` (spec §5); :mod:`cdlm_cola.schedule` con
 parameter names are the official ``ColaDiTModel`` ones (spec §3.1); the deterministic ``rope.freqs`` buffers
 are not module state (RoPE is computed from positions, H1) and :mod:`cdlm_cola.state_dict` handles them.
 :meth:`ColaDiT.forward` works as the reference, per call; :meth:`ColaDiT.plan` and :meth:`ColaDiT.step` are
-the generation fast path, which does the work that the Euler steps of a block share once.
+the generation fast path, which does the work that the Euler steps of a block share once. The module holds no
+generation state: the KV history is a :class:`~cdlm_cola.kv_cache.KVCache` the caller passes (``cache=``) and
+:meth:`ColaDiT.commit` returns extended, and the fast path's timestep table travels in the plan.
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ from torch import Tensor, nn
 from cdlm.errors import DataError
 from cdlm_cola import layout
 from cdlm_cola.config import ColaDitConfig
-from cdlm_cola.kv_cache import BlockKV, KVCache
-from cdlm_cola.layout import BlockAttention, BlockPlan, Lengths, NaAttention
+from cdlm_cola.kv_cache import BlockKV, KVCache, LayerKV, cache_readers, read_lengths
+from cdlm_cola.layout import BlockAttention, BlockPlan, HeadTable, Lengths, NaAttention
 from cdlm_cola.rope import Rotary
 
 SINUSOIDAL_DIM = 256  # width of the sinusoidal timestep features, fixed in the reference
 ROPE_THETA = 10000.0
 Attention = NaAttention | BlockAttention  # per call (the reference's way) or per block (the fast path)
-LayerKV = KVCache | BlockKV | None  # a layer's cache, its per-block history, or nothing to read
+History = LayerKV | BlockKV | None  # a layer's cache, its per-block history, or nothing to read
 
 
 def sinusoidal_embedding(t: Tensor, dim: int = SINUSOIDAL_DIM) -> Tensor:
@@ -128,12 +130,12 @@ class ColaDiTAttention(nn.Module):
         self.norm_q = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps)  # one LayerNorm shared by all heads (H3)
         self.norm_k = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
 
-    def forward(self, x: Tensor, na: Attention, cache: LayerKV) -> Tensor:
-        """Map x (ΣLq, H) to (ΣLq, H); ``cache`` holds values and keys after norm_k, before RoPE (a BlockKV: after)."""
+    def forward(self, x: Tensor, na: Attention, cache: History) -> tuple[Tensor, LayerKV | None]:
+        """Map x (ΣLq, H) to (ΣLq, H) and, on a commit, the new history; cached keys are after norm_k, before RoPE."""
         q, k, v = self.proj_qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).unbind(1)  # (ΣLq, nh, hd) each
         q, k = self.norm_q(q), self.norm_k(k)
-        k, v = na.history(cache, k, v)  # (ΣLk, nh, hd)
-        return self.proj_out(na.attend(q, k, v))
+        k, v, committed = na.history(cache, k, v)  # (ΣLk, nh, hd)
+        return self.proj_out(na.attend(q, k, v)), committed
 
 
 class MLP(nn.Module):
@@ -160,12 +162,12 @@ class ColaDiTBlock(nn.Module):
         self.mlp = MLP(cfg.txt_dim, cfg.expand_ratio)
         self.ada = AdaLN(cfg.txt_dim, ("msa", "mlp"), gated=True)
 
-    def forward(self, h: Tensor, emb: TokenEmbedding, na: Attention, cache: LayerKV) -> Tensor:
-        """Map h (ΣLq, H) under the rows' timestep embeddings to (ΣLq, H)."""
-        a = self.msa(self.ada.modulate("msa", h, self.msa_norm, emb), na, cache)
+    def forward(self, h: Tensor, emb: TokenEmbedding, na: Attention, cache: History) -> tuple[Tensor, LayerKV | None]:
+        """Map h (ΣLq, H) under the rows' timestep embeddings to (ΣLq, H), and the attention's committed history."""
+        a, committed = self.msa(self.ada.modulate("msa", h, self.msa_norm, emb), na, cache)
         h = self.ada.gate("msa", a, h, emb)
         m = self.mlp(self.ada.modulate("mlp", h, self.mlp_norm, emb))
-        return self.ada.gate("mlp", m, h, emb)
+        return self.ada.gate("mlp", m, h, emb), committed
 
 
 class ColaDiT(nn.Module):
@@ -186,8 +188,6 @@ class ColaDiT(nn.Module):
         self.txt_out_norm = nn.LayerNorm(dim, eps=config.norm_eps)
         self.txt_out_ada = AdaLN(dim, ("out",), gated=False)
         self.txt_out = _Projection(dim, config.txt_out_channels)
-        self._caches = [KVCache() for _ in self.blocks]
-        self._table: dict[float, tuple[Tensor, dict[nn.Module, Tensor]]] = {}  # timestep → (emb, AdaLN heads)
         self.init_weights(generator)
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -204,12 +204,6 @@ class ColaDiT(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()  # weight 1, bias 0
 
-    def clear_cache(self) -> None:
-        """Forget every layer's KV history (the reference's ``set_kv_cache``) and :meth:`step`'s AdaLN table."""
-        for cache in self._caches:
-            cache.clear()
-        self._table.clear()
-
     def forward(
         self,
         txt: Tensor,
@@ -217,24 +211,24 @@ class ColaDiT(nn.Module):
         q_lens: Lengths,
         timestep: Tensor | float,
         *,
-        update_kv: bool = False,
-        use_kv_cache: bool | Sequence[bool] = False,
+        cache: KVCache | None = None,
+        readers: Sequence[bool] | None = None,
         k_positions: Tensor | None = None,
         q_positions: Tensor | None = None,
         mask: Tensor | None = None,
     ) -> Tensor:
-        """Predict the velocity ``z_1 − z_0`` of the query latents (Cola time: t = 1 noise).
+        """Predict the velocity ``z_1 − z_0`` of the query latents (Cola time: t = 1 noise); ``cache`` is only read.
 
         Args:
             txt: (ΣLq, C) query latents, samples concatenated.
             k_lens: keys per sample: cached history read by this call + queries.
             q_lens: queries per sample (the tail of each sample's keys).
             timestep: Cola time × 1000: a number, (ΣLq,) per row or (B,) per sample.
-            update_kv: append this call's keys/values to the cache, then attend to the whole history.
-            use_kv_cache: attend to ``[history ; new]`` without storing (ignored when ``update_kv``); one flag
-                per sample mixes samples that read their history (they map, in order, onto the cached samples)
-                with fresh sequences that read none, e.g. the conditional and unconditional rows of one
-                classifier-free guidance forward.
+            cache: the history to attend to, ``[history ; new]`` per sample (:meth:`commit` makes it); None:
+                no history.
+            readers: with ``cache``, one flag per sample: True if it continues a cached sample (they map, in
+                order, onto the cached samples), False for a fresh sequence that reads none, e.g. the
+                unconditional rows of one classifier-free guidance forward. None: every sample continues one.
             k_positions: (ΣLk,) explicit key RoPE positions (2L training); needs ``q_positions``.
             q_positions: (ΣLq,) explicit query RoPE positions.
             mask: additive mask overriding the NA block-causal one (2L training): (1, 1, ΣLq, ΣLk), or per sample
@@ -244,39 +238,78 @@ class ColaDiT(nn.Module):
             (ΣLq, C) velocity.
 
         Raises:
-            DataError: inconsistent lengths, timesteps or positions.
+            DataError: inconsistent lengths, readers, timesteps or positions.
         """
         k, q = layout.as_lengths(k_lens, "k_lens"), layout.as_lengths(q_lens, "q_lens")
-        readers = [True] * len(q) if update_kv else layout.cache_readers(use_kv_cache, len(q))
-        layout.check_lengths(k, q, self._history(readers), txt.shape[0])
+        flags = cache_readers(readers, len(q))
+        history = read_lengths(cache, flags)
+        layout.check_lengths(k, q, history, txt.shape[0])
         batch = layout.check_overrides(k, q, k_positions, q_positions, mask)
         h = self.txt_in.proj(txt)  # (ΣLq, H)
-        emb = self.emb_in(layout.per_token_timesteps(timestep, q, h.dtype, h.device), h.dtype)  # (ΣLq, H)
-        na = replace(self._na(k, q, h, update_kv, k_positions, q_positions, mask), batch=batch)
-        if not all(readers):
-            na = replace(na, readers=readers)
-        caches = self._caches if any(readers) else [None] * len(self.blocks)
-        return self._trunk(h, TokenEmbedding(emb), na, caches)
+        emb = TokenEmbedding(self.emb_in(layout.per_token_timesteps(timestep, q, h.dtype, h.device), h.dtype))
+        na = replace(self._na(k, q, h, k_positions, q_positions, mask), batch=batch)
+        if not all(flags):
+            na = replace(na, readers=flags)
+        layers = cache.layers if cache is not None and history else (None,) * len(self.blocks)
+        return self._trunk(h, emb, na, layers)[0]
+
+    def commit(
+        self, txt: Tensor, k_lens: Lengths, q_lens: Lengths, timestep: Tensor | float, cache: KVCache | None = None
+    ) -> tuple[Tensor, KVCache]:
+        """Run a call over ``cache`` as :meth:`forward` does, and return ``cache`` with its keys and values appended.
+
+        The reference's ``update_kv=True`` call: the prefill and each block's commit at t = 0 (spec §6.1 steps 6,
+        7.6). Every sample continues a cached one (or starts the cache). ``cache`` itself is left as it is.
+
+        Args:
+            txt: (ΣLq, C) latents to commit, samples concatenated.
+            k_lens: keys per sample: cached history + new entries.
+            q_lens: new entries per sample.
+            timestep: Cola time × 1000, as in :meth:`forward`.
+            cache: the history so far; None: none yet.
+
+        Returns:
+            The (ΣLq, C) velocity and the extended cache.
+
+        Raises:
+            DataError: the lengths do not match ``txt`` or the cached history.
+        """
+        k, q = layout.as_lengths(k_lens, "k_lens"), layout.as_lengths(q_lens, "q_lens")
+        cache = KVCache.empty(len(self.blocks)) if cache is None else cache
+        layout.check_lengths(k, q, cache.lengths, txt.shape[0])
+        h = self.txt_in.proj(txt)  # (ΣLq, H)
+        emb = TokenEmbedding(self.emb_in(layout.per_token_timesteps(timestep, q, h.dtype, h.device), h.dtype))
+        na = replace(self._na(k, q, h), commit=True)
+        out, committed = self._trunk(h, emb, na, cache.layers)
+        return out, KVCache(tuple(layer for layer in committed if layer is not None))
 
     @torch.no_grad()
-    def plan(self, k_lens: Lengths, q_lens: Lengths, *, use_kv_cache: bool | Sequence[bool] = True) -> BlockPlan:
-        """Make once what the calls of a generation block share (rows and cache stay fixed): mask, RoPE, history.
+    def plan(
+        self,
+        k_lens: Lengths,
+        q_lens: Lengths,
+        *,
+        cache: KVCache | None = None,
+        readers: Sequence[bool] | None = None,
+        heads: HeadTable | None = None,
+    ) -> BlockPlan:
+        """Make once what the calls of a generation block share (rows and history stay fixed): mask, RoPE, history.
 
         :meth:`step` runs each call with it. The samples are laid out side by side, padded
-        (:func:`~cdlm_cola.layout.padded_block_layout`); the plan holds a copy of the history: make a new one
-        after a commit.
+        (:func:`~cdlm_cola.layout.padded_block_layout`); the plan holds its own copy of the history.
 
         Args:
             k_lens: keys per sample, as in :meth:`forward`.
             q_lens: queries per sample, all equal (one block per row).
-            use_kv_cache: which samples read their cached history, as in :meth:`forward`.
+            cache: the history the rows read, as in :meth:`forward`.
+            readers: which samples read it, as in :meth:`forward`.
+            heads: the timestep table to read and fill, shared by a generation's plans; None: a new one.
 
         Raises:
             DataError: inconsistent or unequal lengths.
         """
         k, q = layout.as_lengths(k_lens, "k_lens"), layout.as_lengths(q_lens, "q_lens")
-        readers = layout.cache_readers(use_kv_cache, len(q))
-        history = self._history(readers)
+        history = read_lengths(cache, cache_readers(readers, len(q)))
         layout.check_lengths(k, q, history, sum(q))
         if len(set(q)) > 1:
             raise DataError(f"q_lens: a plan is for rows of one block each (equal q_lens), got {q}")
@@ -285,25 +318,26 @@ class ColaDiT(nn.Module):
         width, slots, mask = layout.padded_block_layout(hist, q[0], cfg.block_size, weight.dtype, weight.device)
         bias = mask.repeat_interleave(cfg.heads, dim=0)  # (B·nh, n, W)
         attention = BlockAttention(self._rotary(layout.q_positions(k, q, weight.device)), bias, q[0])
-        if not history:
-            return BlockPlan(q, attention, [None] * len(self.blocks))
+        table: HeadTable = {} if heads is None else heads
+        if cache is None or not history:
+            return BlockPlan(q, attention, [None] * len(self.blocks), table)
         rot_k = self._rotary(layout.k_positions(hist, weight.device))  # (ΣH) history positions
-        flat = (cache.flat() for cache in self._caches)  # (ΣH, nh, hd) each
+        flat = (layer.flat() for layer in cache.layers)  # (ΣH, nh, hd) each
         kv = [BlockKV.laid_out(rot_k(keys), values, slots, len(q), width) for keys, values in flat]
-        return BlockPlan(q, attention, kv)
+        return BlockPlan(q, attention, kv, table)
 
     def step(self, txt: Tensor, timestep: Tensor | float, plan: BlockPlan) -> Tensor:
         """Predict the velocity of the rows a plan was made for, as :meth:`forward` does but faster.
 
-        The timestep embedding and every AdaLN head run once per distinct timestep value, kept until
-        :meth:`clear_cache` (a generation's blocks share their Euler grid); the mask, RoPE tables and history
-        come from the plan. Batched rows sum in another order than :meth:`forward`'s, which moves the result by
-        a few float32 ulps. For inference only: the plan's history is written in place.
+        The timestep embedding and every AdaLN head run once per distinct timestep value and are kept in the
+        plan's table (a generation's blocks share their Euler grid); the mask, RoPE tables and history come
+        from the plan. Batched rows sum in another order than :meth:`forward`'s, which moves the result by a
+        few float32 ulps. For inference only: each call writes its keys into the plan's history slots.
 
         Args:
             txt: (ΣLq, C) query latents, samples concatenated as planned.
             timestep: Cola time × 1000: a number, (ΣLq,) per row or (B,) per sample.
-            plan: from :meth:`plan`, with the KV cache unchanged since.
+            plan: from :meth:`plan`.
 
         Returns:
             (ΣLq, C) velocity.
@@ -316,60 +350,47 @@ class ColaDiT(nn.Module):
         h = self.txt_in.proj(txt)  # (ΣLq, H)
         t = layout.per_token_timesteps(timestep, plan.q_lens, h.dtype, h.device)  # (ΣLq,)
         distinct, index = torch.unique(t, return_inverse=True)  # (U,), (ΣLq,)
-        return self._trunk(h, self._heads(distinct.tolist(), index, h.dtype), plan.attention, plan.kv)
+        emb = self._heads(distinct.tolist(), index, h.dtype, plan.heads)
+        return self._trunk(h, emb, plan.attention, plan.kv)[0]
 
     @torch.no_grad()
-    def _heads(self, times: list[float], index: Tensor, dtype: torch.dtype) -> TokenEmbedding:
-        """Return the embedding of the distinct timesteps ``times`` with every AdaLN head made, from the table."""
-        missing = [t for t in times if t not in self._table]
+    def _heads(self, times: list[float], index: Tensor, dtype: torch.dtype, table: HeadTable) -> TokenEmbedding:
+        """Return the embedding of the distinct timesteps ``times`` with every AdaLN head made, from ``table``."""
+        missing = [t for t in times if t not in table]
         if missing:
             emb = self.emb_in(torch.tensor(missing, device=index.device), dtype)  # (M, E)
             heads = [m for m in self.modules() if isinstance(m, AdaLN)]
             outputs = {head: head(emb) for ada in heads for head in ada.children()}  # (M, out) each
             for i, t in enumerate(missing):
-                self._table[t] = (emb[i : i + 1], {head: out[i : i + 1] for head, out in outputs.items()})
-        rows = [self._table[t] for t in times]
+                table[t] = (emb[i : i + 1], {head: out[i : i + 1] for head, out in outputs.items()})
+        rows = [table[t] for t in times]
         if len(rows) == 1:
             return TokenEmbedding(rows[0][0], None, rows[0][1])
         stacked = {head: torch.cat([r[1][head] for r in rows]) for head in rows[0][1]}  # (U, out) each
         return TokenEmbedding(torch.cat([r[0] for r in rows]), index, stacked)
 
-    def _trunk(self, h: Tensor, emb: TokenEmbedding, na: Attention, caches: Sequence[LayerKV]) -> Tensor:
-        """Run the blocks and the output head on h (ΣLq, H); return the velocity (ΣLq, C)."""
-        for block, cache in zip(self.blocks, caches, strict=True):
-            h = block(h, emb, na, cache)
+    def _trunk(
+        self, h: Tensor, emb: TokenEmbedding, na: Attention, layers: Sequence[History]
+    ) -> tuple[Tensor, list[LayerKV | None]]:
+        """Run the blocks and the output head on h (ΣLq, H); return the velocity (ΣLq, C) and committed layers."""
+        committed = []
+        for block, layer in zip(self.blocks, layers, strict=True):
+            h, kv = block(h, emb, na, layer)
+            committed.append(kv)
         h = self.txt_out_ada.modulate("out", h, self.txt_out_norm, emb)
-        return self.txt_out.proj(h)  # (ΣLq, C)
-
-    def _history(self, readers: list[bool]) -> list[int]:
-        """Return the cached entries each sample of a call reads (0 for a fresh one); [] when nothing is cached."""
-        cached = self._caches[0].lengths
-        if not cached or not any(readers):
-            return []
-        if sum(readers) != len(cached):
-            raise DataError(
-                f"use_kv_cache: {sum(readers)} samples read the KV cache but it holds {len(cached)}; clear it first"
-            )
-        past = iter(cached)
-        return [next(past) if r else 0 for r in readers]
+        return self.txt_out.proj(h), committed  # (ΣLq, C)
 
     def _na(
-        self,
-        k: list[int],
-        q: list[int],
-        h: Tensor,
-        update_kv: bool,
-        k_positions: Tensor | None,
-        q_positions: Tensor | None,
-        mask: Tensor | None,
-    ) -> NaAttention:
+        self, k: list[int], q: list[int], h: Tensor, k_pos: Tensor | None = None, q_pos: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> NaAttention:  # fmt: skip
         cfg, device = self.config, h.device
-        if k_positions is None or q_positions is None:
-            k_positions, q_positions = layout.k_positions(k, device), layout.q_positions(k, q, device)
+        if k_pos is None or q_pos is None:
+            k_pos, q_pos = layout.k_positions(k, device), layout.q_positions(k, q, device)
         if mask is None:
             mask = layout.na_block_causal_mask(k, q, cfg.block_size, h.dtype, device)
-        rot_q, rot_k = (self._rotary(p.to(device), whole_head=False) for p in (q_positions, k_positions))
-        return NaAttention(q, rot_q, rot_k, mask, update_kv)
+        rot_q, rot_k = (self._rotary(p.to(device), whole_head=False) for p in (q_pos, k_pos))
+        return NaAttention(q, rot_q, rot_k, mask)
 
     def _rotary(self, positions: Tensor, whole_head: bool = True) -> Rotary:
         width = self.config.head_dim if whole_head else None

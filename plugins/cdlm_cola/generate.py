@@ -4,12 +4,15 @@ This is the reference's ``generate_task_repaint_inference`` (spec §6.1), step f
 a block multiple, prefix encoding (posterior mode, scaled), repaint of a prompt tail that ends inside a
 block, DiT and VAE prefill, then per block one call of the core :func:`~cdlm.sampling.solvers.integrate`
 (its ``constrain`` re-pins the repainted latents), a decode that commits the block to the VAE cache, token
-selection and a commit to the DiT cache at t = 0. Three things differ from the reference by default, and none
-changes the tokens (latents agree to fp32 rounding): the conditional and unconditional CFG rows run as one
-batched DiT forward; the DiT calls of a block share one plan (mask, RoPE tables and the history laid out with
-its keys rotated, made once; timestep embedding and AdaLN once per distinct timestep, see
+selection and a commit to the DiT cache at t = 0. A batch's caches live in the
+:class:`~cdlm_cola.components.ColaGenerationState` that generation creates and passes explicitly, never on the
+networks, so generations that share one model may interleave. Three things differ from the reference, and
+none changes the tokens (latents agree to fp32 rounding): the conditional and unconditional CFG rows run as
+one batched DiT forward; the DiT calls of a block share one plan (mask, RoPE tables and the history laid out
+with its keys rotated, made once; timestep embedding and AdaLN once per distinct timestep, see
 :meth:`~cdlm_cola.dit.ColaDiT.plan`); and the final block's DiT commit (whose keys nothing reads) is skipped.
-``ColaPipeline(cfg_batching="two_pass", planning="per_call")`` is the reference's way, the benchmark baseline.
+The reference's own way (two CFG passes, per-call DiT work) and a run without KV caches are not library code:
+``benchmarks/cola_reference.py`` holds them, the tests check them against this path and the benchmarks time it.
 
 Random draws, in order, per batch: each block's noise, then its token draws (temperature > 0). With
 ``model.per_sample_noise_seed`` S, the block-k noise of a sample with id ``sid`` comes from its own generator
@@ -26,29 +29,21 @@ import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-from cdlm.config import SampleConfig
 from cdlm.errors import DataError
 from cdlm.interfaces import GenerateOutput, GenerateRequest, Pipeline
 from cdlm.sampling import grids
-from cdlm.sampling.guidance import classifier_free, combine, conditional
+from cdlm.sampling.guidance import classifier_free
 from cdlm.sampling.solvers import integrate
 from cdlm.sampling.tokens import select_tokens
 from cdlm.sampling.types import DenoiseFn, PredictFn, Prediction, StepCallback
-from cdlm_cola.components import ColaCond, ColaDecoder, ColaDenoiser, ColaEmbedder
-from cdlm_cola.config import ColaConfig
-from cdlm_cola.dit import ColaDiT
+from cdlm_cola.components import ColaCond, ColaDecoder, ColaDenoiser, ColaEmbedder, ColaGenerationState
+from cdlm_cola.config import ColaConfig, ColaSampleConfig
 from cdlm_cola.layout import BlockPlan
 from cdlm_cola.schedule import ColaSchedule
-from cdlm_cola.vae import ColaTextVAE
-
-CfgBatching = Literal["batched", "two_pass"]
-History = Literal["kv_cache", "recompute"]
-Planning = Literal["per_block", "per_call"]
 
 
 @dataclass(frozen=True)
@@ -71,89 +66,44 @@ class PromptPlan:
     one_block: bool
 
 
-def cola_denoise_fn(denoiser: ColaDenoiser, schedule: ColaSchedule, planning: Planning = "per_call") -> DenoiseFn:
-    """Return Cola's DenoiseFn: the DiT on one block per row, read as a core-time Prediction.
+def cola_denoise_fn(denoiser: ColaDenoiser, schedule: ColaSchedule) -> DenoiseFn:
+    """Return Cola's DenoiseFn for one block: the DiT on one block per row, read as a core-time Prediction.
 
-    With ``planning="per_block"`` it plans each set of rows (each ``cond`` object) at its first call
-    (:meth:`ColaDenoiser.plan`) and reuses that plan at every later call: make one per block, since a plan holds
-    the history as it was. ``"per_call"`` runs every call the reference's way.
+    It plans each set of rows (each ``cond`` object) at its first call (:meth:`ColaDenoiser.plan`) and reuses
+    that plan at every later call: make one per block, since a plan holds the history as it was.
     """
-    plans: dict[int, tuple[ColaCond, BlockPlan | None]] = {}  # id(cond) → (cond, kept so the id stays its; plan)
-
-    def plan_of(cond: ColaCond) -> BlockPlan | None:
-        if planning == "per_call":
-            return None
-        if id(cond) not in plans:
-            plans[id(cond)] = (cond, denoiser.plan(cond))
-        return plans[id(cond)][1]
+    plans: dict[int, tuple[ColaCond, BlockPlan]] = {}  # id(cond) → (cond, kept so the id stays its; plan)
 
     def denoise(z: Tensor, t: Tensor, x_prev: Tensor, cond: ColaCond) -> Prediction:
-        return schedule.predict(denoiser(z, t, cond, plan=plan_of(cond)), z, t)
+        if id(cond) not in plans:
+            plans[id(cond)] = (cond, denoiser.plan(cond))
+        return schedule.predict(denoiser(z, t, cond, plan=plans[id(cond)][1]), z, t)
 
     return denoise
 
 
-def two_pass_cfg(denoise: DenoiseFn, cond: ColaCond, scale: float | Tensor) -> PredictFn:
-    """Return the reference's CFG: a conditional and a separate unconditional forward per step (spec §5).
-
-    Numerically the same as :func:`~cdlm.sampling.guidance.classifier_free` over 2B rows; kept to check that
-    and to time it (``benchmarks/cola_generation.py``).
-    """
-    if not isinstance(scale, Tensor) and scale == 1.0:
-        return conditional(denoise, cond)
-    null = cond.null()
-
-    def guided(z: Tensor, t: Tensor, x_prev: Tensor) -> Prediction:
-        c, u = denoise(z, t, x_prev, cond), denoise(z, t, x_prev, null)
-        return combine(Prediction(x=torch.cat([c.x, u.x]), v=torch.cat([c.v, u.v])), scale)
-
-    return guided
-
-
 class ColaPipeline(Pipeline):
-    """Prompt continuation with Cola, in batches of ``settings.batch_size`` prompts.
+    """Prompt continuation with Cola, in batches of ``settings.batch_size`` prompts, on the method's components.
 
     Args:
         cfg: the Cola model section (token ids, ``per_sample_noise_seed``, ``time_scale``).
-        vae: the text VAE: encodes the prompts, decodes the blocks.
-        dit: the DiT prior.
-        cfg_batching: ``"batched"`` runs the CFG rows as one 2B-row forward; ``"two_pass"`` as the reference's
-            two B-row forwards. Same numbers; the benchmark compares their speed.
-        history: ``"kv_cache"`` reads the history from the KV caches (the reference's way); ``"recompute"``
-            runs the networks over the whole history at every call. Same numbers; the tests compare them.
-        planning: ``"per_block"`` builds the DiT's mask, RoPE tables and laid-out history (keys rotated) once
-            per block and runs its timestep embedding and AdaLN once per distinct timestep
-            (:meth:`ColaDiT.step`); ``"per_call"`` rebuilds them at every call and runs them per token, as the
-            reference. Same tokens, latents to ≤ 1e-6 per call; it applies to ``history="kv_cache"`` only.
-
-    Raises:
-        DataError: an option outside its choices.
+        embedder: encodes the prompts.
+        denoiser: the DiT prior.
+        schedule: reads the DiT's output as a core-time prediction.
+        decoder: decodes the blocks.
     """
 
     def __init__(
         self,
         cfg: ColaConfig,
-        vae: ColaTextVAE,
-        dit: ColaDiT,
         *,
-        cfg_batching: CfgBatching = "batched",
-        history: History = "kv_cache",
-        planning: Planning = "per_block",
+        embedder: ColaEmbedder,
+        denoiser: ColaDenoiser,
+        schedule: ColaSchedule,
+        decoder: ColaDecoder,
     ) -> None:
-        options = {
-            "cfg_batching": (cfg_batching, CfgBatching),
-            "history": (history, History),
-            "planning": (planning, Planning),
-        }
-        for name, (value, choices) in options.items():
-            if value not in get_args(choices):
-                raise DataError(f"ColaPipeline: {name}={value!r}; expected one of {get_args(choices)}")
-        self.cfg, self.embedder, self.decoder = cfg, ColaEmbedder(vae), ColaDecoder(vae)
-        self.schedule = ColaSchedule(cfg)
-        self.denoiser = ColaDenoiser(dit, self.schedule)
-        self.guide = classifier_free if cfg_batching == "batched" else two_pass_cfg
-        self.history, self.planning = history, planning
-        self.vae_cfg, self.block_size = vae.config, dit.config.block_size
+        self.cfg, self.embedder, self.denoiser, self.schedule, self.decoder = cfg, embedder, denoiser, schedule, decoder
+        self.vae_cfg, self.block_size = decoder.vae.config, denoiser.dit.config.block_size
 
     @torch.no_grad()
     def __call__(
@@ -170,9 +120,9 @@ class ColaPipeline(Pipeline):
         Raises:
             DataError: an empty prompt list, a count that differs from ``num_samples``, a prompt plus
                 ``max_new_tokens`` longer than ``model.max_length``, a token id outside the VAE vocabulary (a
-                tokenizer mismatch), or a non-uniform time grid.
+                tokenizer mismatch).
         """
-        settings: SampleConfig = request.settings
+        settings: ColaSampleConfig = request.settings
         prompts = self._check(request)
         sample_ids = request.sample_ids or [None] * len(prompts)
         ids: list[list[int]] = []
@@ -223,7 +173,7 @@ class ColaPipeline(Pipeline):
         self,
         prompts: list[list[int]],
         sample_ids: Sequence[int | str | None],
-        settings: SampleConfig,
+        settings: ColaSampleConfig,
         generator: torch.Generator,
         on_step: StepCallback | None,
     ) -> tuple[list[list[int]], int]:
@@ -231,48 +181,47 @@ class ColaPipeline(Pipeline):
         bs, ps, device = self.block_size, self.vae_cfg.patch_size, self._device()
         plan = self.plan(prompts, settings.max_new_tokens)
         num_blocks = 1 if plan.one_block else math.ceil(settings.max_new_tokens / (bs * ps))
-        history = list(plan.prefix)
-        cached = [h.shape[0] for h in history]
+        prefix_lens = [p.shape[0] for p in plan.prefix]
+        state = self.start(plan.prefix)
         stop_ids = [i for i in (self.cfg.eos_id, self.cfg.im_end_id) if i is not None]
         stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
         tokens = torch.zeros(len(prompts), 0, dtype=torch.long, device=device)  # (B, P) sampled so far
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         nfe = 0
-        self._clear_caches()
-        try:
-            if self.history == "kv_cache" and any(cached):
-                self.denoiser.append(history, [0] * len(history))  # prefill at t = 0 (spec §6.1 step 6)
-                self.decoder.append(history, [0] * len(history))
-            for step in range(num_blocks):
-                pinned, clean = (plan.pinned, plan.clean) if step == 0 else (None, None)
-                if self.history == "kv_cache":
-                    cond = ColaCond.from_cache(cached, pinned, clean)
-                else:
-                    cond = ColaCond.from_history(history, pinned, clean)
-                scale = self._scale(settings.cfg, cached if step == 0 else None)
-                noise = self._noise(sample_ids, step, generator)  # (B, bs, C)
-                z, block_ids, block_nfe = self._block(cond, scale, noise, tokens, settings, generator, on_step)
-                tokens = torch.cat([tokens, block_ids], dim=1)
-                done |= torch.isin(block_ids, stops).any(dim=1)
-                nfe += block_nfe
-                if done.all() or step == num_blocks - 1:
-                    break
-                if self.history == "kv_cache":
-                    self.denoiser.append(list(z), cached)  # commit at t = 0 (spec §6.1 step 7.6)
-                    nfe += 1
-                cached = [n + bs for n in cached]
-                history = [torch.cat([h, zi]) for h, zi in zip(history, z, strict=True)]
-        finally:
-            self._clear_caches()
+        for step in range(num_blocks):
+            pinned, clean = (plan.pinned, plan.clean) if step == 0 else (None, None)
+            cond = state.cond(pinned, clean)
+            scale = self._scale(settings.cfg, prefix_lens if step == 0 else None)
+            noise = self._noise(sample_ids, step, generator)  # (B, bs, C)
+            z, block_ids, block_nfe = self._block(state, cond, scale, noise, tokens, settings, generator, on_step)
+            tokens = torch.cat([tokens, block_ids], dim=1)
+            done |= torch.isin(block_ids, stops).any(dim=1)
+            nfe += block_nfe
+            if done.all() or step == num_blocks - 1:
+                break
+            nfe += state.commit(z)  # to the DiT cache at t = 0 (spec §6.1 step 7.6)
         return [row[n:] for row, n in zip(tokens.tolist(), plan.trim, strict=True)], nfe
+
+    def start(self, prefix: Sequence[Tensor]) -> ColaGenerationState:
+        """Create a batch's generation state, its prefix latents (n_i, C) per sample prefilled (spec §6.1 step 6)."""
+        return ColaGenerationState(self.denoiser, self.decoder, prefix)
+
+    def denoise_fn(self) -> DenoiseFn:
+        """Return the DenoiseFn of one block (:func:`cola_denoise_fn`); a fresh one per block."""
+        return cola_denoise_fn(self.denoiser, self.schedule)
+
+    def guide(self, denoise: DenoiseFn, cond: ColaCond, scale: float | Tensor) -> PredictFn:
+        """Return the guided prediction of a block: CFG over one forward of 2B rows (spec §5)."""
+        return classifier_free(denoise, cond, scale)
 
     def _block(
         self,
+        state: ColaGenerationState,
         cond: ColaCond,
         scale: float | Tensor,
         noise: Tensor,
         tokens: Tensor,
-        settings: SampleConfig,
+        settings: ColaSampleConfig,
         generator: torch.Generator,
         on_step: StepCallback | None,
     ) -> tuple[Tensor, Tensor, int]:
@@ -281,18 +230,16 @@ class ColaPipeline(Pipeline):
         Returns:
             The block's final latents (B, bs, C), its token ids (B, bs·ps) and the forwards spent.
         """
-        denoise = cola_denoise_fn(self.denoiser, self.schedule, self.planning)  # a fresh one: plans last a block
         out = integrate(
-            self.guide(denoise, cond, scale),
+            self.guide(self.denoise_fn(), cond, scale),
             cond.restore(noise),
             grids.uniform(settings.steps),
             method=settings.sampler,
-            churn=settings.churn,
             generator=generator,
             constrain=cond.restore,
             on_step=on_step,
         )
-        logits = self.decoder(out.z, cond)  # (B, bs·ps, V)
+        logits = state.decode(out.z)  # (B, bs·ps, V)
         block_ids = select_tokens(
             logits,
             temperature=settings.temperature,
@@ -362,16 +309,7 @@ class ColaPipeline(Pipeline):
                     f"Cola generation: prompt {i} has token ids {bad[:8]} outside [0, {vocab}), the VAE vocabulary "
                     "(model.vae.vocab_size); was it tokenized with another tokenizer than data.tokenizer?"
                 )
-        if request.settings.grid != "uniform":
-            raise DataError(
-                f"sample.grid={request.settings.grid!r}: Cola generation integrates on the reference's uniform grid; "
-                "set sample.grid=uniform"
-            )
         return prompts
-
-    def _clear_caches(self) -> None:
-        self.denoiser.dit.clear_cache()
-        self.decoder.vae.clear_cache()
 
     def _device(self) -> torch.device:
         return next(self.denoiser.dit.parameters()).device

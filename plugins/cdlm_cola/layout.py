@@ -6,6 +6,8 @@ All samples are concatenated along one axis with no padding. ``k_lens[i]`` is th
 (1, 1, ΣLq, ΣLk): 0 where attention is allowed, ``finfo(dtype).min`` elsewhere. :class:`NaAttention` carries
 what the layers of one call share; :class:`BlockAttention` and :class:`BlockPlan` carry it for every call of a
 generation block (the DiT's fast path), in a padded batched layout instead (:func:`padded_block_layout`).
+A call reads the history from a :class:`~cdlm_cola.kv_cache.KVCache` it is given; a committing call returns each
+layer's history with its own entries appended, and the caller keeps it (nothing is stored on a module).
 """
 
 from __future__ import annotations
@@ -15,14 +17,20 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from cdlm.errors import DataError
-from cdlm_cola.kv_cache import BlockKV, KVCache
+from cdlm_cola.kv_cache import BlockKV, LayerKV
 from cdlm_cola.rope import Rotary
 
 Lengths = Tensor | Sequence[int]
 """Per-sample lengths: a (B,) or (B, 1) integer tensor (the reference's ``txt_shape``) or a list of ints."""
+
+HeadTable = dict[float, tuple[Tensor, dict[nn.Module, Tensor]]]
+"""The DiT's timestep embedding (1, E) and every AdaLN head's output (1, out) by timestep value, made once.
+
+Generation shares one across the plans of all its blocks (their Euler grids repeat the same timesteps); it
+holds outputs of the weights it was made with, so it lives no longer than one generation."""
 
 
 def as_lengths(lens: Lengths, name: str) -> list[int]:
@@ -64,7 +72,9 @@ def check_lengths(k_lens: Sequence[int], q_lens: Sequence[int], cached: Sequence
         raise DataError(f"q_lens {list(q_lens)} sum to {sum(q_lens)} but the input has {n_rows} rows")
     history = list(cached) or [0] * len(q_lens)
     if len(history) != len(q_lens):
-        raise DataError(f"the KV cache holds {len(history)} samples but the call has {len(q_lens)}; clear it first")
+        raise DataError(
+            f"the KV cache holds {len(history)} samples but the call has {len(q_lens)}; pass the cache of these samples"
+        )
     for i, (k, q, c) in enumerate(zip(k_lens, q_lens, history, strict=True)):
         if k != c + q:
             raise DataError(f"k_lens[{i}] = {k}, expected {c + q}: {c} cached + {q} queries (Q is the tail of K)")
@@ -97,16 +107,6 @@ def per_token_timesteps(
     if t.numel() == len(q_lens):
         return t.repeat_interleave(torch.tensor(q_lens, device=device))
     raise DataError(f"timestep: expected 1, {n_rows} (per row) or {len(q_lens)} (per sample) values, got {t.numel()}")
-
-
-def cache_readers(use_kv_cache: bool | Sequence[bool], n_samples: int) -> list[bool]:
-    """Return one cache-reading flag per sample of a call (see :meth:`ColaDiT.forward`)."""
-    if isinstance(use_kv_cache, bool):
-        return [use_kv_cache] * n_samples
-    flags = [bool(f) for f in use_kv_cache]
-    if len(flags) != n_samples:
-        raise DataError(f"use_kv_cache: expected one flag per sample ({n_samples}), got {len(flags)}")
-    return flags
 
 
 def check_overrides(
@@ -279,9 +279,9 @@ class NaAttention:
         rot_q: RoPE at the query positions (ΣLq).
         rot_k: RoPE at the key positions (ΣLk).
         mask: (1, 1, ΣLq, ΣLk) additive mask, or None for unmasked attention (VAE ``block_causal=False``).
-        update_kv: commit the new keys and values to the layers' caches.
+        commit: every layer also returns its history with the new keys and values appended.
         readers: per sample, whether it reads its cached history or is a fresh sequence (see
-            :meth:`KVCache.extend`); None when every sample reads it.
+            :meth:`LayerKV.read`); None when every sample reads it.
         batch: B when the B samples have equal lengths and ``mask`` is per sample (1 or B, 1, Lq, Lk): they
             attend as a batch; 1 for the NA layout.
     """
@@ -290,15 +290,22 @@ class NaAttention:
     rot_q: Rotary
     rot_k: Rotary
     mask: Tensor | None
-    update_kv: bool
+    commit: bool = False
     readers: list[bool] | None = None
     batch: int = 1
 
-    def history(self, cache: KVCache | None, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Return the keys and values (ΣLk, …) to attend to: the new ones, after the cached ones when reading."""
+    def history(self, cache: LayerKV | None, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, LayerKV | None]:
+        """Return the keys and values (ΣLk, …) to attend to, the new ones after the cached ones when reading.
+
+        Also returns, on a commit, the layer's history with the new entries appended (else None); ``cache`` is
+        left as it is.
+        """
+        if self.commit:
+            new = (cache or LayerKV()).appended(k, v, self.q_lens)
+            return *new.flat(), new
         if cache is None:
-            return k, v
-        return cache.extend(k, v, self.q_lens, store=self.update_kv, readers=self.readers)
+            return k, v, None
+        return *cache.read(k, v, self.q_lens, self.readers), None
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Rotate q (ΣLq, nh, hd) and k (ΣLk, nh, hd), attend over v (ΣLk, nh, hd); return (ΣLq, nh·hd)."""
@@ -333,11 +340,11 @@ class BlockAttention:
     bias: Tensor
     n: int
 
-    def history(self, kv: BlockKV | None, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Rotate the new keys (B·n, nh, hd); return all keys and values (B, nh, W, hd), keys rotated."""
+    def history(self, kv: BlockKV | None, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, None]:
+        """Rotate the new keys (B·n, nh, hd); return all keys and values (B, nh, W, hd), keys rotated (no commit)."""
         k = self.rot_q(k).unflatten(0, (-1, self.n)).transpose(1, 2)  # (B, nh, n, hd)
         v = v.unflatten(0, (-1, self.n)).transpose(1, 2)
-        return (k, v) if kv is None else kv.fill(k, v)
+        return (k, v, None) if kv is None else (*kv.fill(k, v), None)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Rotate q (B·n, nh, hd), attend over the keys k and values v (B, nh, W, hd); return (B·n, nh·hd)."""
@@ -356,11 +363,13 @@ class BlockPlan:
         q_lens: queries per sample (all equal).
         attention: the block's mask and query RoPE.
         kv: per layer, the laid-out history with its keys rotated, or None when the rows read no history.
+        heads: the timestep table its calls read and fill, shared with the generation's other plans.
     """
 
     q_lens: list[int]
     attention: BlockAttention
     kv: list[BlockKV | None]
+    heads: HeadTable
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:

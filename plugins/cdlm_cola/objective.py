@@ -42,6 +42,7 @@ from torch import Tensor
 
 from cdlm.errors import RecipeError
 from cdlm.interfaces import LossOutput, Objective, TokenBatch
+from cdlm_cola.components import ReferenceVAE
 from cdlm_cola.config import ColaConfig
 from cdlm_cola.dit import ColaDiT
 from cdlm_cola.objective_flow import role_states, sample_groups, two_layout, with_prompt_blocks
@@ -128,7 +129,8 @@ class ColaObjective(Objective):
         vae: the Text VAE (trained in ``vae`` / ``joint``, frozen in ``dit``).
         dit: the DiT prior (unused in ``vae``).
         ref_vae: the frozen reference encoder ``q_φref`` of Stage 2's KL anchor; needed when ``stage: joint``
-            and ``ref_kl_weight > 0``.
+            and ``ref_kl_weight > 0``. A joint step anchors it to ``vae`` first (:meth:`ReferenceVAE.anchor`:
+            at the first step of the run, which is when joint training starts).
         schedule: the Cola flow schedule; it draws the training times.
 
     Raises:
@@ -140,7 +142,7 @@ class ColaObjective(Objective):
         cfg: ColaConfig,
         vae: ColaTextVAE,
         dit: ColaDiT,
-        ref_vae: ColaTextVAE | None,
+        ref_vae: ReferenceVAE | None,
         schedule: ColaSchedule,
     ) -> None:
         if (cfg.stage != "dit" or cfg.vae_mode == "sample") and not vae.config.use_variation:
@@ -158,6 +160,8 @@ class ColaObjective(Objective):
 
     def __call__(self, batch: TokenBatch, generator: torch.Generator) -> LossOutput:
         """Draw this step's random numbers from ``generator`` and compute the loss of ``batch``."""
+        if self.ref_vae is not None and self.cfg.stage == "joint":
+            self.ref_vae.anchor(self.vae)
         return self.loss(batch, self.draw(batch, generator))
 
     def draw(self, batch: TokenBatch, generator: torch.Generator) -> ColaDraws:

@@ -2,7 +2,8 @@
 
 Module and parameter names are the official ``ColaTextVAEModel`` ones (spec §2.1), so a release state dict
 loads with ``strict=True``. The encoder is bidirectional within a VAE block and causal across blocks; the
-decoder predicts token j from latent j (no shift) and keeps a per-sample KV cache for block-wise decoding.
+decoder predicts token j from latent j (no shift) and, for block-wise decoding, reads a per-sample KV cache
+that the caller holds: :meth:`ColaTextVAE.decode_commit` returns it extended, nothing is stored on the module.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from cdlm.errors import DataError
 from cdlm_cola import layout
 from cdlm_cola.config import ColaVaeConfig
-from cdlm_cola.kv_cache import KVCache
+from cdlm_cola.kv_cache import KVCache, LayerKV
 from cdlm_cola.layout import Lengths, NaAttention
 from cdlm_cola.rope import Rotary
 
@@ -95,23 +96,23 @@ class TextVAEBlock(nn.Module):
             h = F.silu(h) if self.act == "silu" else F.gelu(h)
         return self.ffn_out(h)
 
-    def forward(self, x: Tensor, na: NaAttention, cache: KVCache | None) -> Tensor:
-        """Map x (ΣLq, D) to (ΣLq, D); ``cache`` holds raw keys (before k_norm) and values."""
+    def forward(self, x: Tensor, na: NaAttention, cache: LayerKV | None) -> tuple[Tensor, LayerKV | None]:
+        """Map x (ΣLq, D) to (ΣLq, D) and, on a commit, the new history; cached keys are raw (before k_norm)."""
         h = x if self.post_norm else self.norm_attn(x)
         qkv = self.qkv_proj(h)  # (ΣLq, 3D)
         if self.clip_qkv is not None:
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         q, k, v = qkv.chunk(3, dim=-1)  # (ΣLq, D) each
-        k, v = na.history(cache, k, v)  # (ΣLk, D)
+        k, v, committed = na.history(cache, k, v)  # (ΣLk, D)
         if self.q_norm is not None and self.k_norm is not None:  # over the full width, all heads jointly (H3)
             q, k = self.q_norm(q).to(q.dtype), self.k_norm(k).to(q.dtype)
         heads = (self.num_heads, -1)
         attn = self.attn_out_proj(na.attend(q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads)))
         if self.post_norm:  # parity: modeling_cola_vae.py, spec §2.3 — LN on the residual stream, then on the FFN
             x = self.norm_attn(x) + attn
-            return x + self.norm_ffn(self.ffn(x))
+            return x + self.norm_ffn(self.ffn(x)), committed
         x = x + attn
-        return x + self.ffn(self.norm_ffn(x))
+        return x + self.ffn(self.norm_ffn(x)), committed
 
 
 class _Encoder(nn.Module):
@@ -153,7 +154,6 @@ class ColaTextVAE(nn.Module):
         self.encoder = _Encoder(config)
         self.decoder = _Decoder(config)
         self.config = config
-        self._caches = [KVCache() for _ in self.decoder.blocks]  # decoder only; the encoder never caches
         self.init_weights(generator)
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -176,12 +176,7 @@ class ColaTextVAE(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()  # weight 1, bias 0
 
-    def clear_cache(self) -> None:
-        """Forget the decoder's KV history (the reference's ``set_kv_cache``)."""
-        for cache in self._caches:
-            cache.clear()
-
-    def _na(self, k_lens: list[int], q_lens: list[int], h: Tensor, update_kv: bool) -> NaAttention:
+    def _na(self, k_lens: list[int], q_lens: list[int], h: Tensor, commit: bool) -> NaAttention:
         cfg, device = self.config, h.device
         mask = (
             layout.na_block_causal_mask(k_lens, q_lens, cfg.block_size, h.dtype, device) if cfg.block_causal else None
@@ -189,7 +184,7 @@ class ColaTextVAE(nn.Module):
         head_dim, theta = cfg.dim // cfg.num_heads, cfg.rope_theta
         rot_q = Rotary.at(layout.q_positions(k_lens, q_lens, device), head_dim, theta, "half")
         rot_k = Rotary.at(layout.k_positions(k_lens, device), head_dim, theta, "half")
-        return NaAttention(q_lens, rot_q, rot_k, mask, update_kv)
+        return NaAttention(q_lens, rot_q, rot_k, mask, commit)
 
     def encode(self, ids: Sequence[Tensor]) -> VaeEncoding:
         """Encode token ids, one 1-D tensor per sample, into per-sample latents (spec §2.2).
@@ -211,9 +206,9 @@ class ColaTextVAE(nn.Module):
         n_lens = [row.numel() // ps for row in ids]
         x = self.encoder.wte(torch.cat(list(ids)))  # (ΣL, D)
         x = self.encoder.patch_embedder(x.t()[None])[0].t()  # (ΣN, D); windows never straddle samples
-        na = self._na(n_lens, n_lens, x, update_kv=False)
+        na = self._na(n_lens, n_lens, x, commit=False)
         for block in self.encoder.blocks:
-            x = block(x, na, None)
+            x, _ = block(x, na, None)
         out = self.encoder.final_layer(x)  # (ΣN, 2d) or (ΣN, d)
         if not self.config.use_variation:
             return VaeEncoding(list(self.encoder.final_norm(out).split(n_lens)), None)
@@ -222,14 +217,14 @@ class ColaTextVAE(nn.Module):
         params = torch.cat([mean, logvar], dim=-1)  # (ΣN, 2d)
         return VaeEncoding(list(mean.split(n_lens)), list(params.split(n_lens)))
 
-    def decode(self, z: Tensor, k_lens: Lengths, q_lens: Lengths, *, update_kv: bool = False) -> Tensor:
-        """Decode latents into token logits (spec §2.4), reading the KV cache whenever it holds history.
+    def decode(self, z: Tensor, k_lens: Lengths, q_lens: Lengths, *, cache: KVCache | None = None) -> Tensor:
+        """Decode latents into token logits (spec §2.4), after the history in ``cache`` (only read).
 
         Args:
             z: (ΣLq, d) latents of the query positions, samples concatenated.
             k_lens: latents per sample visible to the queries: cached history + queries.
             q_lens: query latents per sample (the tail of each sample's keys).
-            update_kv: commit this call's keys and values to the cache.
+            cache: the decoder's history (:meth:`decode_commit` makes it); None: no history.
 
         Returns:
             (ΣLq·ps, V) logits; token j is predicted from latent ⌊j / ps⌋ (no shift).
@@ -237,12 +232,32 @@ class ColaTextVAE(nn.Module):
         Raises:
             DataError: the lengths do not match ``z`` or the cached history.
         """
+        return self._decode(z, k_lens, q_lens, cache, commit=False)[0]
+
+    def decode_commit(
+        self, z: Tensor, k_lens: Lengths, q_lens: Lengths, cache: KVCache | None = None
+    ) -> tuple[Tensor, KVCache]:
+        """Decode as :meth:`decode` does, and return ``cache`` with this call's keys and values appended.
+
+        The reference's ``update_kv=True`` decode: the prefill and each block's decode (spec §6.1 steps 6, 7.3).
+        ``cache`` itself is left as it is; None starts a new one. Arguments, returned logits and errors are
+        those of :meth:`decode`.
+        """
+        logits, committed = self._decode(z, k_lens, q_lens, cache, commit=True)
+        return logits, KVCache(tuple(layer for layer in committed if layer is not None))
+
+    def _decode(
+        self, z: Tensor, k_lens: Lengths, q_lens: Lengths, cache: KVCache | None, commit: bool
+    ) -> tuple[Tensor, list[LayerKV | None]]:
         k, q = layout.as_lengths(k_lens, "k_lens"), layout.as_lengths(q_lens, "q_lens")
-        layout.check_lengths(k, q, self._caches[0].lengths, z.shape[0])
+        cache = KVCache.empty(len(self.decoder.blocks)) if cache is None else cache
+        layout.check_lengths(k, q, cache.lengths, z.shape[0])
         h = self.decoder.in_layer(z)  # (ΣLq, D)
-        na = self._na(k, q, h, update_kv)
-        for block, cache in zip(self.decoder.blocks, self._caches, strict=True):
-            h = block(h, na, cache)
+        na = self._na(k, q, h, commit)
+        committed = []
+        for block, layer in zip(self.decoder.blocks, cache.layers, strict=True):
+            h, kv = block(h, na, layer)
+            committed.append(kv)
         h = self.decoder.unpatch_layer(h)  # (ΣLq, ps·D), channel-major "(c ps)"
         h = h.unflatten(-1, (-1, self.config.patch_size)).transpose(1, 2).flatten(0, 1)  # (ΣLq·ps, D)
-        return self.decoder.final_layer(self.decoder.final_norm(h))  # (ΣLq·ps, V)
+        return self.decoder.final_layer(self.decoder.final_norm(h)), committed  # (ΣLq·ps, V)

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from cola_reference import RecomputeCond, recomputed_logits, recomputed_velocity
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -15,7 +16,14 @@ from cdlm.interfaces import TokenBatch
 from cdlm.sampling.guidance import classifier_free
 from cdlm.sampling.tokens import select_tokens
 from cdlm.sampling.types import Prediction
-from cdlm_cola.components import ColaCond, ColaDecoder, ColaDenoiser, ColaEmbedder, ReferenceVAE
+from cdlm_cola.components import (
+    ColaCond,
+    ColaDecoder,
+    ColaDenoiser,
+    ColaEmbedder,
+    ColaGenerationState,
+    ReferenceVAE,
+)
 from cdlm_cola.config import ColaConfig
 from cdlm_cola.dit import ColaDiT
 from cdlm_cola.schedule import ColaSchedule
@@ -34,7 +42,7 @@ def close(actual: Tensor, expected: Tensor) -> None:
 
 @pytest.fixture()
 def vae() -> ColaTextVAE:
-    return load_pretrained_vae(shared_path("fixtures", "cola") / "cola_vae")  # fresh: an empty decoder cache
+    return load_pretrained_vae(shared_path("fixtures", "cola") / "cola_vae")
 
 
 @pytest.fixture()
@@ -50,16 +58,15 @@ def _reference_time_embedding(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_null_rows_drop_the_history_and_keep_the_repainted_positions() -> None:
     pinned = torch.tensor([[True, False], [False, False]])
     clean = torch.arange(8.0).view(2, 2, 2)
-    cond = ColaCond.from_cache([0, 6], pinned, clean)
+    cond = ColaCond((0, 6), None, pinned, clean)
     both = cond.with_null_rows()
-    assert both.cached == (0, 6, None, None) and both.context is None and len(both) == 4
+    assert both.cached == (0, 6, None, None) and both.state is None and len(both) == 4
     assert both.pinned is not None and torch.equal(both.pinned, torch.cat([pinned, pinned]))
     z = torch.full((2, 2, 2), -1.0)
     assert cond.restore(z).tolist() == [[[0.0, 1.0], [-1.0, -1.0]], [[-1.0, -1.0], [-1.0, -1.0]]]
-    history = [torch.ones(0, 2), torch.ones(6, 2)]
-    recompute = ColaCond.from_history(history).with_null_rows()
-    assert recompute.cached == (None,) * 4 and recompute.context is not None
-    assert [c.shape[0] for c in recompute.context] == [0, 6, 0, 0]
+    history = (torch.ones(0, 2), torch.ones(6, 2))
+    recompute = RecomputeCond((None, None), context=history).with_null_rows()  # benchmarks/cola_reference.py
+    assert recompute.cached == (None,) * 4 and [c.shape[0] for c in recompute.context] == [0, 6, 0, 0]
 
 
 def test_embedder_scales_the_posterior_mode_and_samples(vae: ColaTextVAE) -> None:
@@ -85,14 +92,13 @@ def test_traced_generation_calls_replay_through_the_components(
     """Teacher forcing (fixture README): every traced call, fed its traced inputs, gives its traced output.
 
     Each conditional / unconditional DiT pair runs as ONE batched forward of 2B rows, per call or through a
-    per-block plan (the fast path); commits and decodes go through the components' cache handling; greedy token
+    per-block plan (the fast path); the prefill, commits and decodes go through a generation state; greedy token
     selection uses the traced logits and history.
     """
     fx = load_file(shared_path("fixtures", "cola", "generate_fp32.safetensors"))
     events = json.loads(shared_path("fixtures", "cola", "generate_fp32.json").read_text())[f"gen/{run}/events"]
     denoiser, decoder = ColaDenoiser(dit, ColaSchedule(ColaConfig())), ColaDecoder(vae)
-    dit_cached, vae_cached = [0, 0, 0], [0, 0, 0]
-    vae.clear_cache()
+    state: ColaGenerationState | None = None
     pending: dict[str, Any] | None = None  # a conditional DiT call waiting for its unconditional twin
     for event in events:
 
@@ -104,9 +110,10 @@ def test_traced_generation_calls_replay_through_the_components(
             for i, z in enumerate(latents):
                 close(z, (get(f"latents_{i}") - SHIFT) * SCALE)
         elif event["kind"] == "dit" and event["update_kv"]:  # prefill or commit at t = 0
-            q_lens = get("txt_q_shape").flatten().tolist()
-            denoiser.append(list(get("txt").split(q_lens)), dit_cached)
-            dit_cached = [c + q for c, q in zip(dit_cached, q_lens, strict=True)]
+            if state is None:  # the prefill, of both networks' caches
+                state = ColaGenerationState(denoiser, decoder, get("txt").split(get("txt_q_shape").flatten().tolist()))
+            else:
+                assert state.commit(get("txt").view(3, 4, 8)) == 1
         elif event["kind"] == "dit" and event["use_kv_cache"]:
             pending = event
         elif event["kind"] == "dit":
@@ -114,7 +121,8 @@ def test_traced_generation_calls_replay_through_the_components(
             ts = get("timestep").view(3, 4)
             t = 1 - ts.max(dim=1).values / 1000  # core time of each row's block
             pinned = ts == 0  # repainted prompt positions (first block only)
-            cond = ColaCond.from_cache(dit_cached, pinned if pinned.any() else None).with_null_rows()
+            assert state is not None
+            cond = state.cond(pinned if pinned.any() else None).with_null_rows()
             z = get("txt").view(3, 4, 8)
             plan = denoiser.plan(cond) if planned else None
             out = denoiser(torch.cat([z, z]), torch.cat([t, t]), cond, plan=plan).flatten(0, 1)  # (2·3·4, 8)
@@ -122,34 +130,36 @@ def test_traced_generation_calls_replay_through_the_components(
             close(out[12:], get("out"))
             pending = None
         elif event["kind"] == "vae_decode":
-            q_lens = get("txt_q_shape").flatten().tolist()
-            if get("txt_shape").flatten().tolist() == q_lens:  # the prefill
-                decoder.append(list(get("z").split(q_lens)), vae_cached)
+            assert state is not None
+            if torch.equal(get("txt_shape"), get("txt_q_shape")):  # the prefill: the state made it with the DiT's
+                assert state.vae is not None and state.vae.lengths == get("txt_q_shape").flatten().tolist()
             else:
-                close(decoder(get("z").view(3, 4, 8), ColaCond.from_cache(vae_cached)), get("logits").view(3, 4, 320))
-            vae_cached = [c + q for c, q in zip(vae_cached, q_lens, strict=True)]
+                close(state.decode(get("z").view(3, 4, 8)), get("logits").view(3, 4, 320))
         else:
             previous = get("generated_ids") if f"gen/{run}/{event['idx']:05d}_sample/generated_ids" in fx else None
             ids = select_tokens(get("logits"), repetition_penalty=1.1, previous_ids=previous)
             assert torch.equal(ids, get("ids"))
-    vae.clear_cache()
 
 
 @torch.no_grad()
 def test_dit_reads_the_cache_per_sample(dit: ColaDiT) -> None:
     gen = torch.Generator().manual_seed(0)
     prefix, block = torch.randn(10, 8, generator=gen), torch.randn(8, 8, generator=gen)
-    dit(prefix, [6, 4], [6, 4], 0.0, update_kv=True, use_kv_cache=True)
-    cond = dit(block, [10, 8], [4, 4], 500.0, use_kv_cache=True)
+    _, cache = dit.commit(prefix, [6, 4], [6, 4], 0.0)
+    cond = dit(block, [10, 8], [4, 4], 500.0, cache=cache)
     fresh = dit(block, [4, 4], [4, 4], 500.0)
-    mixed = dit(torch.cat([block, block]), [10, 8, 4, 4], [4] * 4, 500.0, use_kv_cache=[True, True, False, False])
+    mixed = dit(
+        torch.cat([block, block]), [10, 8, 4, 4], [4] * 4, 500.0, cache=cache, readers=[True, True, False, False]
+    )
     close(mixed, torch.cat([cond, fresh]))
-    interleaved = dit(torch.cat([block[:4], block]), [4, 10, 8], [4] * 3, 500.0, use_kv_cache=[False, True, True])
+    interleaved = dit(
+        torch.cat([block[:4], block]), [4, 10, 8], [4] * 3, 500.0, cache=cache, readers=[False, True, True]
+    )
     close(interleaved, torch.cat([fresh[:4], cond]))
     with pytest.raises(DataError, match="1 samples read the KV cache but it holds 2"):
-        dit(block, [10, 4], [4, 4], 500.0, use_kv_cache=[True, False])
+        dit(block, [10, 4], [4, 4], 500.0, cache=cache, readers=[True, False])
     with pytest.raises(DataError, match="one flag per sample"):
-        dit(block, [10, 8], [4, 4], 500.0, use_kv_cache=[True])
+        dit(block, [10, 8], [4, 4], 500.0, cache=cache, readers=[True])
 
 
 @torch.no_grad()
@@ -159,17 +169,19 @@ def test_recomputed_history_equals_the_kv_cache(vae: ColaTextVAE, dit: ColaDiT) 
     z, t = torch.randn(3, 4, 8, generator=gen), torch.tensor([0.2, 0.5, 0.9])
     pinned = torch.tensor([[True, False, False, False]] * 3)
     denoiser, decoder = ColaDenoiser(dit, ColaSchedule(ColaConfig())), ColaDecoder(vae)
-    recomputed = ColaCond.from_history(history, pinned).with_null_rows()
-    expected = denoiser(torch.cat([z, z]), torch.cat([t, t]), recomputed)
-    logits = decoder(z, ColaCond.from_history(history))
-    assert denoiser.plan(recomputed) is None  # nothing fixed to plan: the history is re-run at every call
-    denoiser.append(history, [0, 0, 0])
-    decoder.append(history, [0, 0, 0])
-    cached = ColaCond.from_cache([8 * 0, 8, 4], pinned).with_null_rows()
+    recomputed = RecomputeCond((None,) * 3, pinned=pinned, context=tuple(history))  # benchmarks/cola_reference.py
+    expected = recomputed_velocity(denoiser, torch.cat([z, z]), torch.cat([t, t]), recomputed.with_null_rows())
+    logits = recomputed_logits(decoder, z, recomputed)
+    state = ColaGenerationState(denoiser, decoder, history)  # the prefill of both caches
+    cached = state.cond(pinned).with_null_rows()
+    assert cached.cached == (0, 8, 4, None, None, None)
     close(denoiser(torch.cat([z, z]), torch.cat([t, t]), cached), expected)
     close(denoiser(torch.cat([z, z]), torch.cat([t, t]), cached, plan=denoiser.plan(cached)), expected)
-    close(decoder(z, ColaCond.from_cache([0, 8, 4])), logits)
-    vae.clear_cache()
+    close(decoder(z, state.cond()), logits)
+    dit_cache, vae_cache = state.dit, state.vae
+    close(state.decode(z), logits)  # the block decode commits it to the decoder's cache only
+    assert state.vae is not None and state.vae.lengths == [4, 12, 8] and state.dit is dit_cache
+    assert vae_cache is not None and vae_cache.lengths == [0, 8, 4]  # a commit makes a new cache
 
 
 def test_classifier_free_takes_one_scale_per_row() -> None:
@@ -192,16 +204,19 @@ def test_classifier_free_takes_one_scale_per_row() -> None:
         close(got.x[row], u.x[row] + scale * (c.x[row] - u.x[row]))
 
 
-def test_reference_vae_takes_the_live_weights_at_its_first_encode(vae: ColaTextVAE) -> None:
+def test_reference_vae_takes_the_live_weights_when_anchored(vae: ColaTextVAE) -> None:
     live = load_pretrained_vae(shared_path("fixtures", "cola", "cola_vae"))
     ref = ReferenceVAE(live)
     assert set(ref.state_dict()) == set(live.state_dict()) | {"synced"} and not ref.synced
     with torch.no_grad():
         live.decoder.final_layer.bias.add_(1.0)  # "Stage 1 trained the VAE" after the reference was built
     ids = [torch.tensor([5, 6, 7, 8])]
-    ref.encode(ids)
+    ref.encode(ids)  # encoding has no side effect: the reference still holds the weights it was built with
+    assert not ref.synced and not torch.equal(ref.decoder.final_layer.bias, live.decoder.final_layer.bias)
+    ref.anchor(live)  # joint training starts
     assert ref.synced and torch.equal(ref.decoder.final_layer.bias, live.decoder.final_layer.bias)
     with torch.no_grad():
-        live.encoder.final_layer.bias.add_(1.0)  # Stage 2 trains on; the reference stays
+        live.encoder.final_layer.bias.add_(1.0)  # Stage 2 trains on; the reference stays, anchored once
+    ref.anchor(live)
     assert not torch.equal(ref.encode(ids).latents[0], live.encode(ids).latents[0])
     close(ref.encode(ids).latents[0], vae.encode(ids).latents[0])

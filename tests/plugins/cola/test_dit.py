@@ -37,7 +37,7 @@ def fx() -> dict[str, Tensor]:
 
 @pytest.fixture()
 def dit() -> ColaDiT:
-    return load_pretrained_dit(shared_path("fixtures", "cola", "cola_dit"))  # fresh: no cache left over
+    return load_pretrained_dit(shared_path("fixtures", "cola", "cola_dit"))
 
 
 @pytest.fixture(autouse=True)
@@ -74,16 +74,18 @@ def test_cached_generation_step_matches_reference(dit: ColaDiT, fx: dict[str, Te
         return fx[f"dit/cache/in/{name}"]
 
     prefix_lens, q_lens, block, t750 = get("prefix_lens"), get("txt_q_shape"), get("block"), get("timestep_block")
-    dit(get("prefix"), prefix_lens, prefix_lens, torch.zeros(12), update_kv=True, use_kv_cache=True)  # prefill
-    close(dit(block, get("cond_txt_shape"), q_lens, t750, use_kv_cache=True), fx["dit/cache/out/cond_t750"])
+    _, prefilled = dit.commit(get("prefix"), prefix_lens, prefix_lens, torch.zeros(12))  # prefill
+    assert prefilled.lengths == [8, 4]
+    close(dit(block, get("cond_txt_shape"), q_lens, t750, cache=prefilled), fx["dit/cache/out/cond_t750"])
     close(dit(block, q_lens, q_lens, t750), fx["dit/cache/out/uncond_t750"])  # fresh sequence, RoPE 0..bs-1
-    dit(block, get("cond_txt_shape"), q_lens, 0.0, update_kv=True, use_kv_cache=True)  # commit at t = 0
-    out = dit(get("block3"), get("cond3_txt_shape"), q_lens, torch.full((8,), 250.0), use_kv_cache=True)
+    _, committed = dit.commit(block, get("cond_txt_shape"), q_lens, 0.0, prefilled)  # commit at t = 0
+    out = dit(get("block3"), get("cond3_txt_shape"), q_lens, torch.full((8,), 250.0), cache=committed)
     close(out, fx["dit/cache/out/cond3_t250"])
     with pytest.raises(DataError, match=r"k_lens\[0\] = 12, expected 16"):  # the history is 12 + 4 long now
-        dit(block, get("cond_txt_shape"), q_lens, t750, use_kv_cache=True)
-    dit.clear_cache()
-    close(dit(block, q_lens, q_lens, t750, use_kv_cache=True), fx["dit/cache/out/uncond_t750"])
+        dit(block, get("cond_txt_shape"), q_lens, t750, cache=committed)
+    # a commit returns a new cache and leaves the one it read alone: the prefill still reads as before
+    assert prefilled.lengths == [8, 4] and committed.lengths == [12, 8]
+    close(dit(block, get("cond_txt_shape"), q_lens, t750, cache=prefilled), fx["dit/cache/out/cond_t750"])
 
 
 @torch.no_grad()
@@ -94,27 +96,27 @@ def test_planned_steps_match_reference_and_forward(dit: ColaDiT, fx: dict[str, T
         return fx[f"dit/cache/in/{name}"]
 
     prefix_lens, block, t750 = get("prefix_lens"), get("block"), get("timestep_block")
-    dit(get("prefix"), prefix_lens, prefix_lens, torch.zeros(12), update_kv=True, use_kv_cache=True)  # prefill
+    _, cache = dit.commit(get("prefix"), prefix_lens, prefix_lens, torch.zeros(12))  # prefill
     k_lens, q_lens, readers = [12, 8, 4, 4], [4] * 4, [True, True, False, False]
-    plan = dit.plan(k_lens, q_lens, use_kv_cache=readers)
+    plan = dit.plan(k_lens, q_lens, cache=cache, readers=readers)
     both, t_both = torch.cat([block, block]), torch.cat([t750, t750])
     expected = torch.cat([fx["dit/cache/out/cond_t750"], fx["dit/cache/out/uncond_t750"]])
     close(dit.step(both, t_both, plan), expected)
     pinned = t_both.clone()
     pinned[[0, 1, 8, 12]] = 0.0  # repainted positions: two distinct timesteps, spread by index
     for t in (pinned, torch.full((16,), 125.0), 900.0, t_both):  # the plan serves every Euler step of the block
-        want = dit(both, k_lens, q_lens, t, use_kv_cache=readers)
+        want = dit(both, k_lens, q_lens, t, cache=cache, readers=readers)
         # the plan batches rows differently, so BLAS sums in another (CPU- and MKL-path-dependent) order: measured
         # 1.0e-6 here and up to 1.3e-6 under MKL_CBWR=COMPATIBLE / ATEN_CPU_CAPABILITY=avx2; a real bug is ≫ 1e-4
         torch.testing.assert_close(dit.step(both, t, plan), want, atol=4e-6, rtol=1e-6)
-    assert dit._caches[0].lengths == [8, 4]  # planning and stepping leave the cache alone
-    fresh = dit.plan(q_lens, q_lens, use_kv_cache=False)
+    assert cache.lengths == [8, 4] and sorted(plan.heads) == [0.0, 125.0, 750.0, 900.0]  # filled by the steps
+    fresh = dit.plan(q_lens, q_lens)
     assert fresh.kv == [None, None]
     close(dit.step(both, t_both, fresh), torch.cat([expected[8:], expected[8:]]))
     with pytest.raises(DataError, match=r"the plan is for 16 rows"):
         dit.step(block, t750, plan)
     with pytest.raises(DataError, match=r"k_lens\[0\] = 8, expected 12"):
-        dit.plan([8, 8, 4, 4], q_lens, use_kv_cache=readers)
+        dit.plan([8, 8, 4, 4], q_lens, cache=cache, readers=readers)
 
 
 @torch.no_grad()
@@ -135,14 +137,23 @@ def test_generation_trace_replays_call_by_call(dit: ColaDiT) -> None:
     events = json.loads(shared_path("fixtures", "cola", "generate_fp32.json").read_text())[f"{run}/events"]
     vae = load_pretrained_vae(shared_path("fixtures", "cola", "cola_vae"))
     checked = {"dit": 0, "vae_decode": 0}
+    dit_cache = vae_cache = None  # the caches the reference kept on its modules, here held by the caller
     for event in events:
         kind = event["kind"]
         x = {name.rsplit("/", 1)[1]: trace[name] for name in event["tensors"]}
         if kind == "dit":
-            flags = {"update_kv": event["update_kv"], "use_kv_cache": event["use_kv_cache"]}
-            close(dit(x["txt"], x["txt_shape"], x["txt_q_shape"], x["timestep"], **flags), x["out"])
+            args = (x["txt"], x["txt_shape"], x["txt_q_shape"], x["timestep"])
+            if event["update_kv"]:
+                out, dit_cache = dit.commit(*args, dit_cache)
+            else:
+                out = dit(*args, cache=dit_cache if event["use_kv_cache"] else None)
+            close(out, x["out"])
         elif kind == "vae_decode":
-            logits = vae.decode(x["z"], x["txt_shape"], x["txt_q_shape"], update_kv=event["update_kv"])
+            args = (x["z"], x["txt_shape"], x["txt_q_shape"])
+            if event["update_kv"]:
+                logits, vae_cache = vae.decode_commit(*args, vae_cache)
+            else:
+                logits = vae.decode(*args, cache=vae_cache)
             close(logits, x["logits"].reshape(logits.shape))
         checked[kind] = checked.get(kind, 0) + 1
     assert checked["dit"] > 100 and checked["vae_decode"] == 5

@@ -1,24 +1,31 @@
-"""Cola generation against the reference's traced runs (spec §6, fixtures generate_fp32), and its equivalences."""
+"""Cola generation against the reference's traced runs (spec §6, fixtures generate_fp32), and its equivalences.
+
+The reference's ways of running (two CFG passes, per-call DiT work, no KV cache) come from
+benchmarks/cola_reference.py; the library runs only its own.
+"""
 
 from __future__ import annotations
 
 import json
+import threading
 import zlib
+from collections.abc import Callable
 from typing import Any
 
+import cola_reference
 import pytest
 import torch
+from cola_reference import CfgBatching, History, Planning
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from cdlm.config import SampleConfig
 from cdlm.errors import DataError
 from cdlm.interfaces import GenerateOutput, GenerateRequest
-from cdlm.sampling.types import StepInfo
-from cdlm_cola.config import ColaConfig, ColaDitConfig, ColaVaeConfig
+from cdlm.sampling.types import StepCallback, StepInfo
+from cdlm_cola.config import ColaConfig, ColaDitConfig, ColaSampleConfig, ColaVaeConfig
 from cdlm_cola.dit import ColaDiT
-from cdlm_cola.generate import CfgBatching, ColaPipeline, History, Planning, noise_key
+from cdlm_cola.generate import ColaPipeline, noise_key
 from cdlm_cola.state_dict import load_pretrained_dit, load_pretrained_vae
 from cdlm_cola.vae import ColaTextVAE
 from conftest import shared_path
@@ -78,26 +85,32 @@ def pipeline(
     planning: Planning = "per_block",
 ) -> ColaPipeline:
     cfg = ColaConfig(pad_id=3, eos_id=eos_id, im_end_id=im_end_id, per_sample_noise_seed=seed)
-    return ColaPipeline(cfg, *nets, cfg_batching=cfg_batching, history=history, planning=planning)
+    return cola_reference.pipeline(cfg, *nets, cfg_batching, history, planning)
 
 
-def settings(**overrides: Any) -> SampleConfig:
+def settings(**overrides: Any) -> ColaSampleConfig:
     base = {"sampler": "euler", "grid": "uniform", "top_k": 50, "top_p": 0.9, "repetition_penalty": 1.1}
-    return SampleConfig(**{**base, **overrides})
+    return ColaSampleConfig(**{**base, **overrides})
 
 
 def generate(
     pipe: ColaPipeline,
     prompts: list[list[int]] | None,
-    sample: SampleConfig,
+    sample: ColaSampleConfig,
     sample_ids: list[int | str | None] | None = None,
+    then: StepCallback | None = None,
 ) -> tuple[GenerateOutput, list[Tensor]]:
-    """Run the pipeline with the global-RNG-equivalent generator; return its output and each block's final z."""
+    """Run the pipeline with the global-RNG-equivalent generator; return its output and each block's final z.
+
+    ``then`` is called after every step, once the block's latents are recorded.
+    """
     blocks: list[Tensor] = []
 
     def on_step(info: StepInfo) -> None:
         if info.index == sample.steps - 1:
             blocks.append(info.z)
+        if then is not None:
+            then(info)
 
     n = len(prompts) if prompts is not None else sample.num_samples
     out = pipe(GenerateRequest(n, prompts, sample, sample_ids), torch.Generator().manual_seed(0), on_step)
@@ -227,7 +240,6 @@ def test_one_block_rule_and_unconditional_rows(nets: Any, prompts: list[list[int
         ([[5], [6]], {}, "got 2 prompts for num_samples=3"),
         ([[5], [6], [7]], {"ids": [1, 2]}, "got 2 sample ids for num_samples=3"),
         ([[5], [320, 7], [1]], {}, r"prompt 1 has token ids \[320\] outside \[0, 320\)"),
-        ([[5], [6], [7]], {"grid": "logit_normal"}, "sample.grid='logit_normal'"),
     ],
 )
 def test_invalid_requests_are_data_errors(
@@ -238,9 +250,62 @@ def test_invalid_requests_are_data_errors(
         pipeline(nets)(GenerateRequest(3, prompts, settings(**overrides), ids), torch.Generator())
 
 
-def test_invalid_pipeline_options_are_data_errors(nets: Any) -> None:
-    with pytest.raises(DataError, match=r"planning='per-block'; expected one of \('per_block', 'per_call'\)"):
-        pipeline(nets, planning="per-block")  # type: ignore[arg-type]
+def in_lockstep(*runs: Callable[[StepCallback], Any]) -> tuple[list[Any], int]:
+    """Run each ``run(then)`` in its own thread, one at a time, handing over to the next at every solver step.
+
+    Only one run executes at any moment, so the interleaving is exact: run 0 takes a step, then run 1, and so on
+    while more than one is unfinished. Returns each run's result and the number of hand-overs.
+    """
+    turns = [threading.Semaphore(0) for _ in runs]
+    done, results, errors, handovers = [False] * len(runs), [None] * len(runs), [], [0]
+
+    def next_turn(me: int) -> None:
+        waiting = [j for j in (*range(me + 1, len(runs)), *range(me)) if not done[j]]
+        if waiting:
+            turns[waiting[0]].release()
+
+    def hand_over(me: int) -> None:
+        if any(not done[j] for j in range(len(runs)) if j != me):
+            handovers[0] += 1
+            next_turn(me)
+            turns[me].acquire()
+
+    def work(me: int) -> None:
+        turns[me].acquire()
+        try:
+            results[me] = runs[me](lambda info: hand_over(me))
+        except BaseException as err:  # re-raised in the test's thread
+            errors.append(err)
+        finally:
+            done[me] = True
+            next_turn(me)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(runs))]
+    for thread in threads:
+        thread.start()
+    turns[0].release()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results, handovers[0]
+
+
+def test_interleaved_generations_on_one_model_match_sequential_ones(nets: Any, prompts: list[list[int]]) -> None:
+    """Generation keeps its KV caches in its own state: two generations stepping in turn on one pipeline (one loaded
+    model) give exactly what each gives alone, however their blocks, commits and decodes interleave."""
+    pipe = pipeline(nets, 66)
+    requests = [
+        (prompts, settings(**GREEDY), [7, "q-12", 3]),
+        (prompts[:0:-1], settings(**{**GREEDY, "cfg": 3.0, "max_new_tokens": 12, "batch_size": 1}), None),
+    ]
+    alone = [generate(pipe, p, s, ids) for p, s, ids in requests]
+    runs = [lambda then, r=r: generate(pipe, r[0], r[1], r[2], then) for r in requests]
+    together, handovers = in_lockstep(*runs)
+    assert handovers > 2 * GREEDY["steps"]  # they took turns through many blocks, not one after the other
+    for (out, z), (want, want_z) in zip(together, alone, strict=True):
+        assert out.ids == want.ids and out.nfe == want.nfe
+        assert len(z) == len(want_z) and all(torch.equal(a, b) for a, b in zip(z, want_z, strict=True))
 
 
 def test_two_tokens_per_latent_layout() -> None:

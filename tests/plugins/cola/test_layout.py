@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from cdlm.errors import DataError
-from cdlm_cola.kv_cache import BlockKV, KVCache
+from cdlm_cola.kv_cache import BlockKV, LayerKV
 from cdlm_cola.layout import (
     BlockAttention,
     NaAttention,
@@ -88,7 +88,7 @@ def test_attention_equals_explicit_softmax_and_has_no_nan() -> None:
     mask = na_block_causal_mask(k_lens, q_lens, 4, torch.float32)
     zero = Rotary.at(torch.zeros(12, dtype=torch.long), 8, 1e4, "half")  # angle 0: identity rotation
     rot_q = Rotary(zero.cos[:8], zero.sin[:8], "half")
-    out = NaAttention(q_lens, rot_q, zero, mask, update_kv=False).attend(q, k, v)
+    out = NaAttention(q_lens, rot_q, zero, mask).attend(q, k, v)
     scores = torch.einsum("qhd,khd->hqk", q, k) / 8**0.5 + mask[0]
     expected = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).flatten(1)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
@@ -98,12 +98,11 @@ def test_attention_equals_explicit_softmax_and_has_no_nan() -> None:
 def test_block_attention_gives_the_numbers_of_per_call_attention() -> None:
     """History laid out padded and rotated once, new keys written in place: the per-call result to fp32 rounding."""
     g = torch.Generator().manual_seed(0)
-    cache = KVCache()
-    cache.extend(torch.randn(10, 2, 8, generator=g), torch.randn(10, 2, 8, generator=g), [6, 4], store=True)
+    cache = LayerKV().appended(torch.randn(10, 2, 8, generator=g), torch.randn(10, 2, 8, generator=g), [6, 4])
     k_lens, q_lens, readers = [9, 7, 3], [3, 3, 3], [True, True, False]  # a fresh third sample reads no history
     rot_q, rot_k = (Rotary.at(p, 4, 1e4, "interleaved") for p in (q_positions(k_lens, q_lens), k_positions(k_lens)))
     mask = na_block_causal_mask(k_lens, q_lens, 2, torch.float32)
-    per_call = NaAttention(q_lens, rot_q, rot_k, mask, update_kv=False, readers=readers)
+    per_call = NaAttention(q_lens, rot_q, rot_k, mask, readers=readers)
     width, slots, bias = padded_block_layout([6, 4, 0], 3, 2, torch.float32)
     assert (width, slots.tolist()) == (9, [0, 1, 2, 3, 4, 5, 11, 12, 13, 14])  # right-aligned, new keys last
     assert bias[1, :, :2].eq(BLOCKED).all()  # the padding of a shorter history
@@ -116,10 +115,23 @@ def test_block_attention_gives_the_numbers_of_per_call_attention() -> None:
     for _ in range(2):  # every call of the block overwrites the same slots
         q, k, v = (torch.randn(9, 2, 8, generator=g) for _ in range(3))
         torch.testing.assert_close(
-            block.attend(q, *block.history(kv, k, v)), per_call.attend(q, *per_call.history(cache, k, v)),
+            block.attend(q, *block.history(kv, k, v)[:2]), per_call.attend(q, *per_call.history(cache, k, v)[:2]),
             atol=1e-6, rtol=1e-6,
         )  # fmt: skip
     assert cache.lengths == [6, 4]
+
+
+def test_a_commit_returns_a_new_history_and_leaves_the_one_it_read() -> None:
+    g = torch.Generator().manual_seed(1)
+    k0, v0, k1, v1 = (torch.randn(n, 2, 4, generator=g) for n in (3, 3, 2, 2))
+    old = LayerKV().appended(k0, v0, [2, 1])
+    assert old.lengths == [2, 1] and old.k[0].data_ptr() != k0.data_ptr()  # own copies, not views
+    rot = Rotary.at(torch.arange(5), 4, 1e4, "interleaved")
+    k, v, new = NaAttention([1, 1], rot, rot, None, commit=True).history(old, k1, v1)
+    assert new is not None and new.lengths == [3, 2] and old.lengths == [2, 1]
+    assert torch.equal(k, torch.cat([k0[:2], k1[:1], k0[2:], k1[1:]])) and torch.equal(v, torch.cat(new.v))
+    read_k, read_v, none = NaAttention([1, 1], rot, rot, None).history(old, k1, v1)  # a read commits nothing
+    assert none is None and torch.equal(read_k, k) and torch.equal(read_v, v)
 
 
 def test_lengths_are_checked() -> None:

@@ -9,6 +9,7 @@ from torch.distributions import Normal, kl_divergence
 
 from cdlm.errors import RecipeError
 from cdlm.interfaces import TokenBatch
+from cdlm_cola.components import ReferenceVAE
 from cdlm_cola.config import ColaConfig, ColaDitConfig, ColaVaeConfig
 from cdlm_cola.dit import ColaDiT
 from cdlm_cola.objective import ColaDraws, ColaObjective
@@ -28,11 +29,11 @@ DIT = ColaDitConfig(
 )  # fmt: skip
 
 
-def make(stage: str, **fields: object) -> tuple[ColaObjective, ColaTextVAE, ColaDiT, ColaTextVAE]:
+def make(stage: str, **fields: object) -> tuple[ColaObjective, ColaTextVAE, ColaDiT, ReferenceVAE]:
     g = torch.Generator().manual_seed(0)
     vae, dit = ColaTextVAE(VAE, g), ColaDiT(DIT, g)
-    ref = ColaTextVAE(VAE)
-    ref.load_state_dict(vae.state_dict())
+    ref = ReferenceVAE(vae)
+    ref.anchor(vae)  # joint training starts here: what later changes the VAE is training
     ref.requires_grad_(False)
     defaults: dict[str, object] = {"block_sizes": [1, 2, 4], "prompt_block_prob": 0.5, "pad_id": 0}
     cfg = ColaConfig(vae=VAE, dit=DIT, stage=stage, **{**defaults, **fields})

@@ -12,7 +12,7 @@ import cdlm
 from cdlm.config import DataConfig, RunConfig
 from cdlm.data.tokenize import load_tokenizer
 from cdlm.errors import RecipeError
-from cdlm.interfaces import GenerateRequest
+from cdlm.interfaces import GenerateRequest, TokenBatch
 from cdlm.recipes import validate
 from cdlm.registry import get_method
 from cdlm_cola import spec
@@ -29,6 +29,7 @@ FIXTURE_IDS = {"pad_id": 3, "eos_id": 0, "im_end_id": 2}
 
 
 def config(model: dict[str, Any], **sections: Any) -> RunConfig:
+    sections.setdefault("data", {"vocab_size": TINY_VAE["vocab_size"]})  # a trained BPE fits the tiny VAE
     return validate({"method": "cola", "model": {**FIXTURE_IDS, **model}, **sections})
 
 
@@ -88,11 +89,16 @@ def test_stages_share_module_keys_and_chain_strictly(stage: str, trainable: set[
 
 def test_joint_stage_anchors_to_the_stage_one_vae() -> None:
     stage_one = cdlm.build(config({"vae": TINY_VAE, "dit": TINY_DIT, "stage": "vae"}, seed=1))
+    with torch.no_grad():
+        stage_one.modules()["vae"].encoder.wte.weight.add_(1.0)  # Stage 1 trains the VAE, never its reference
     joint = cdlm.build(config({"vae": TINY_VAE, "dit": TINY_DIT, "stage": "joint"}))
-    joint.modules().load_state_dict(stage_one.modules().state_dict(), strict=True)
+    joint.modules().load_state_dict(stage_one.modules().state_dict(), strict=True)  # train.init_from
     ref = joint.modules()["ref_vae"]
     assert isinstance(ref, ReferenceVAE) and not ref.synced
-    ref.encode([torch.tensor([1, 2, 3, 4])])  # the first joint step
+    assert not torch.equal(ref.encoder.wte.weight, stage_one.modules()["vae"].encoder.wte.weight)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    batch = TokenBatch(ids, torch.ones_like(ids, dtype=torch.bool), torch.zeros_like(ids, dtype=torch.bool))
+    joint.objective(batch, torch.Generator().manual_seed(0))  # the first joint step anchors the reference
     assert ref.synced and torch.equal(ref.encoder.wte.weight, stage_one.modules()["vae"].encoder.wte.weight)
 
 

@@ -60,13 +60,14 @@ def test_decode_full_matches_reference(vae: ColaTextVAE, fx: dict[str, Tensor]) 
 @torch.no_grad()
 def test_decode_with_cache_matches_reference(vae: ColaTextVAE, fx: dict[str, Tensor]) -> None:
     prefix_lens = fx["vae/decode_cache/in/prefix_lens"]
-    vae.decode(fx["vae/decode_cache/in/prefix_z"], prefix_lens, prefix_lens, update_kv=True)
+    _, prefilled = vae.decode_commit(fx["vae/decode_cache/in/prefix_z"], prefix_lens, prefix_lens)
     k_lens, q_lens = fx["vae/decode_cache/in/block_txt_shape"], fx["vae/decode_cache/in/block_txt_q_shape"]
-    logits = vae.decode(fx["vae/decode_cache/in/block_z"], k_lens, q_lens, update_kv=True)
+    logits, committed = vae.decode_commit(fx["vae/decode_cache/in/block_z"], k_lens, q_lens, prefilled)
     close(logits, fx["vae/decode_cache/out/logits_block2"][0])
     with pytest.raises(DataError, match="8 cached"):  # the commit stored 8 per sample: k must be 12 now
-        vae.decode(fx["vae/decode_cache/in/block_z"], k_lens, q_lens)
-    vae.clear_cache()
+        vae.decode(fx["vae/decode_cache/in/block_z"], k_lens, q_lens, cache=committed)
+    # the committed cache is a new one; the prefill reads as before
+    close(vae.decode(fx["vae/decode_cache/in/block_z"], k_lens, q_lens, cache=prefilled), logits)
     close(
         vae.decode(fx["vae/decode_cache/in/prefix_z"], prefix_lens, prefix_lens),
         vae.decode(fx["vae/decode_cache/in/prefix_z"], [4, 4], [4, 4]),
@@ -96,8 +97,8 @@ def test_cached_decode_equals_full_decode(overrides: dict[str, object]) -> None:
     ps = vae.config.patch_size
     z = torch.randn(10, 4, generator=torch.Generator().manual_seed(1))  # samples of 6 and 4 latents
     full = vae.decode(z, [6, 4], [6, 4]).unflatten(0, (-1, ps))  # (10, ps, V)
-    vae.decode(torch.cat([z[:4], z[6:8]]), [4, 2], [4, 2], update_kv=True)
-    tail = vae.decode(torch.cat([z[4:6], z[8:10]]), [6, 4], [2, 2], update_kv=True).unflatten(0, (-1, ps))
+    _, cache = vae.decode_commit(torch.cat([z[:4], z[6:8]]), [4, 2], [4, 2])
+    tail = vae.decode(torch.cat([z[4:6], z[8:10]]), [6, 4], [2, 2], cache=cache).unflatten(0, (-1, ps))
     torch.testing.assert_close(tail, torch.cat([full[4:6], full[8:10]]), atol=1e-5, rtol=0)
     ids = [torch.arange(6 * ps) % 50, torch.arange(2 * ps)]
     assert [t.shape for t in vae.encode(ids).latents] == [(6, 4), (2, 4)]
