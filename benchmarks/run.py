@@ -5,8 +5,8 @@
 
 ELF (width 256, depth 4, 4 heads, L 128, B 8, V 32100, random T5-small-shaped encoder) is timed against
 benchmarks/elf_reference.py, the reference implementation's way on the same modules and weights. Cola (the
-spec §16 tiny configuration) is timed against ``ColaPipeline``'s reference-equivalent options (two CFG passes,
-per-call masks/RoPE/AdaLN; benchmarks/cola_generation.py). Each pair runs alternately, ``--repeats`` times after
+spec §16 tiny configuration) is timed against ``ColaPipeline`` run the reference's way (two CFG passes,
+per-call masks/RoPE/AdaLN; benchmarks/cola_reference.py). Each pair runs alternately, ``--repeats`` times after
 one warm-up each, on one thread, in process CPU time; a ratio is baseline ÷ cdlm for the best (min) and the
 median run. The outputs are checked equal first (token ids; losses within 1e-6 relative).
 
@@ -34,16 +34,17 @@ from cola_generation import pipeline as cola_pipeline
 from cola_training import steps as cola_train_steps
 from elf_reference import ReferenceNetwork, eager_embedder, reference_greedy
 
-from cdlm.config import SampleConfig, TrainConfig
+from cdlm.config import TrainConfig
 from cdlm.interfaces import TokenBatch
+from cdlm.pipeline import rollout
 from cdlm.training.ema import EMA
 from cdlm.training.optim import Muon, build_optimizer
 from cdlm_elf.conditioning import ElfCond
-from cdlm_elf.config import ElfConfig, EncoderConfig
+from cdlm_elf.config import ElfConfig, ElfSampleConfig, EncoderConfig
 from cdlm_elf.embedder import T5Embedder
 from cdlm_elf.model import ElfDecoder, ElfDenoiser, ElfTransformer
 from cdlm_elf.objective import ElfObjective
-from cdlm_elf.pipeline import decode, elf_denoise_fn, guided, rollout
+from cdlm_elf.pipeline import decode, elf_denoise_fn, guided
 from cdlm_elf.schedule import ElfSchedule
 
 TARGETS = {"elf train step": 1.6, "elf sde / nfe": 1.2, "elf ode+cfg / step": 1.3, "elf final decode": 1.5,
@@ -81,7 +82,7 @@ def elf_train(length: int) -> tuple[Callable[[str], float], Callable[[str], floa
     """Build ELF at sequence ``length``; return (loss of a path, one timed training step of a path)."""
     cfg = elf_config(length)
     embedder, net = T5Embedder(cfg), ElfTransformer(cfg, torch.Generator().manual_seed(0))
-    flow = ElfSchedule(cfg).flow
+    schedule = ElfSchedule(cfg)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(2, cfg.vocab_size, (BATCH, length), generator=gen)
     cond = torch.zeros(BATCH, length, dtype=torch.bool)
@@ -90,9 +91,9 @@ def elf_train(length: int) -> tuple[Callable[[str], float], Callable[[str], floa
     train = TrainConfig(optimizer="muon", lr=1e-4)
     params = [p for p in net.parameters() if p.requires_grad]
     paths = {
-        "cdlm": (ElfObjective(cfg, embedder, net, flow), build_optimizer(net.named_parameters(), train)),
+        "cdlm": (ElfObjective(cfg, embedder, net, schedule), build_optimizer(net.named_parameters(), train)),
         "reference": (
-            ElfObjective(cfg, eager_embedder(embedder), ReferenceNetwork(net), flow),  # type: ignore[arg-type]
+            ElfObjective(cfg, eager_embedder(embedder), ReferenceNetwork(net), schedule),  # type: ignore[arg-type]
             Muon([p for p in params if p.ndim == 2], [p for p in params if p.ndim != 2], lr=1e-4, ns_side="direct"),
         ),
     }
@@ -131,14 +132,14 @@ def elf_rows(repeats: int) -> list[dict]:
     w = torch.full((BATCH,), 3.0)
     is_source = torch.arange(128)[None] < torch.randint(8, 64, (BATCH, 1), generator=gen)
     seq2seq = ElfCond(w, torch.randn(BATCH, 128, cfg.latent_dim, generator=gen), is_source)
-    sde = SampleConfig(steps=STEPS, sampler="sde", grid="uniform")
-    ode = SampleConfig(steps=STEPS, sampler="euler", grid="uniform", cfg=2.0)
+    sde = ElfSampleConfig(steps=STEPS, sampler="sde", grid="uniform")
+    ode = ElfSampleConfig(steps=STEPS, sampler="euler", grid="uniform", cfg=2.0)
 
-    def sample(path: str, cond: ElfCond, settings: SampleConfig) -> torch.Tensor:
+    def sample(path: str, cond: ElfCond, settings: ElfSampleConfig) -> torch.Tensor:
         denoise = elf_denoise_fn(ElfDenoiser(nets[path]), schedule)  # type: ignore[arg-type]
         noise = torch.Generator().manual_seed(4)
-        return rollout(guided(denoise, cond, settings.cfg), z0, torch.linspace(0, 1, STEPS + 1), cond, settings,
-                       noise_scale=2.0, generator=noise).z  # fmt: skip
+        return rollout(guided(denoise, cond, settings.cfg), z0, torch.linspace(0, 1, STEPS + 1), settings,
+                       noise_scale=2.0, generator=noise, constrain=cond.restore).z  # fmt: skip
 
     with torch.no_grad():
         for name, cond, settings in (("elf sde / nfe", ElfCond(w), sde), ("elf ode+cfg / step", seq2seq, ode)):
@@ -148,7 +149,7 @@ def elf_rows(repeats: int) -> list[dict]:
             rows.append(row(name, alternate(pair, repeats)))
         z = sample("cdlm", ElfCond(w), sde)
         decoders = {p: ElfDecoder(n) for p, n in nets.items()}  # type: ignore[arg-type]
-        greedy = SampleConfig(temperature=0.0)
+        greedy = ElfSampleConfig(temperature=0.0)
         ids = decode(decoders["cdlm"], z, ElfCond(w), greedy, torch.Generator())
         assert torch.equal(ids, reference_greedy(decoders["reference"](z, ElfCond(w)))), "decode: ids differ"
         pair = {

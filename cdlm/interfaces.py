@@ -16,6 +16,8 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor, nn
 
+from cdlm.config import SampleConfig
+from cdlm.errors import PluginError
 from cdlm.sampling.types import Prediction, StepCallback
 
 Conditioning = Any
@@ -73,6 +75,26 @@ class FlowSchedule(ABC):
     def predict(self, out: Tensor, z: Tensor, t: Tensor) -> Prediction:
         """Turn a raw Denoiser output (B, N, C) at state z and core times t (B,) into an fp32 Prediction."""
 
+    @property
+    def noise_scale(self) -> float:
+        """``s``: the noise end of the path is ``z_0 = s·ε``, where generation starts and the SDE re-noises (1)."""
+        return 1.0
+
+    def velocity(self, x: Tensor, eps: Tensor, z: Tensor, t: Tensor) -> Tensor:
+        """Return the velocity (B, N, C) that the prediction's v̂ regresses to at ``z = interpolate(x, eps, t)``.
+
+        The default is the exact velocity ``x − s·ε`` of the core path ``z_t = t·x + (1 − t)·s·ε``. A schedule with
+        another path, or whose :meth:`predict` clamps its x → v conversion near t = 1, overrides it so that a
+        perfect prediction has zero loss (:class:`cdlm.flow.XPredictionSchedule`).
+
+        Args:
+            x: (B, N, C) clean latents.
+            eps: (B, N, C) standard-normal noise.
+            z: (B, N, C) the noisy state.
+            t: (B,) core times.
+        """
+        return x - self.noise_scale * eps
+
 
 class Discretizer(nn.Module, ABC):
     """Maps a continuous sequence back to tokens."""
@@ -110,7 +132,8 @@ class GenerateRequest:
     Attributes:
         num_samples: number of sequences.
         prompts: token ids per sample to condition on or continue; None for unconditional generation.
-        settings: the run's validated ``sample:`` section (:class:`cdlm.config.SampleConfig`).
+        settings: the run's validated ``sample:`` section, an instance of the method's
+            ``MethodSpec.sample_config_cls`` (a :class:`cdlm.config.SampleConfig` subclass).
         sample_ids: one identifier per sample (a prompt's ``id`` field), or None. A pipeline that seeds each
             sample's noise separately keys it by this id, so a sample's output does not depend on where it
             sits in the request (Cola spec §6.1 step 7.1).
@@ -118,7 +141,7 @@ class GenerateRequest:
 
     num_samples: int
     prompts: list[list[int]] | None
-    settings: Any
+    settings: SampleConfig
     sample_ids: list[int | str | None] | None = None
 
 
@@ -148,24 +171,59 @@ class Pipeline(ABC):
         """Generate ``request.num_samples`` sequences."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Method:
     """A built method: its four components plus how to train and sample them.
 
     ``vocab_size`` is the number of token ids the method can read and emit; a tokenizer must not exceed it.
     Components may share parameters (ELF's Discretizer calls the Denoiser's network in decode mode);
     :meth:`modules` lists each module once, for the optimiser, the EMA and checkpoints.
+
+    A flow method gives its four components. Its ``objective`` and ``pipeline`` default to the core ones composed
+    from them (:class:`cdlm.objective.FlowMatchingObjective`, :class:`cdlm.pipeline.FlowPipeline`), which need
+    ``latent_shape``; a method passes its own only where it differs, as an extension of the core ones (ELF's
+    decoder rows and SC-CFG). A method that is not a flow (the autoregressive baseline ``ar``) has none of the
+    four components, only its objective and pipeline.
+
+    Attributes:
+        latent_shape: ``(N, C)``, the latents of one row: what the core objective draws noise for (rows of
+            ``data.seq_len`` tokens must embed to it) and the core pipeline generates. Needed only by the core
+            objective and pipeline.
+
+    Raises:
+        PluginError: the core objective or pipeline is asked for without the four components or ``latent_shape``.
     """
 
-    embedder: Embedder
-    denoiser: Denoiser
-    schedule: FlowSchedule
-    discretizer: Discretizer
-    objective: Objective
-    pipeline: Pipeline
+    embedder: Embedder | None = None
+    denoiser: Denoiser | None = None
+    schedule: FlowSchedule | None = None
+    discretizer: Discretizer | None = None
+    objective: Objective | None = None
+    pipeline: Pipeline | None = None
     vocab_size: int
     trainable: Mapping[str, nn.Module]
     frozen: Mapping[str, nn.Module] = field(default_factory=dict)
+    latent_shape: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.objective is not None and self.pipeline is not None:
+            return
+        needed = ("embedder", "denoiser", "schedule", "discretizer", "latent_shape")
+        missing = [name for name in needed if getattr(self, name) is None]
+        if missing:
+            raise PluginError(
+                "Method: no objective or pipeline given, so the core composes them from the four components and "
+                f"latent_shape, but these are missing: {', '.join(missing)}; a plugin's build passes embedder, "
+                "denoiser, schedule, discretizer and latent_shape=(N, C) (the latents of one row), or its own "
+                "objective and pipeline"
+            )
+        from cdlm.objective import FlowMatchingObjective  # both import this module, so they are imported here
+        from cdlm.pipeline import FlowPipeline
+
+        if self.objective is None:
+            self.objective = FlowMatchingObjective.for_method(self)
+        if self.pipeline is None:
+            self.pipeline = FlowPipeline.for_method(self)
 
     def modules(self) -> nn.ModuleDict:
         """Return every module that owns parameters, trainable ones first, each once, keyed by a stable name."""
@@ -173,7 +231,11 @@ class Method:
 
 
 class StateDictAdapter(ABC):
-    """Maps an official checkpoint's key layout to ours and back. Pure dict → dict; no file I/O."""
+    """Maps an official checkpoint's key layout to ours and back. Pure dict → dict; no file I/O.
+
+    A plugin's :class:`ReleasedFormat` reads and writes files and uses its adapter for the keys (ELF's
+    ``ElfOfficialCheckpoint`` and ``ElfStateDictAdapter``), so the mapping is tested apart from any file.
+    """
 
     name: ClassVar[str]
 
@@ -254,19 +316,22 @@ class MethodSpec:
         name: unique method name used in recipes (``method: elf``).
         description: one line for ``cdlm recipes list`` and error messages.
         config_cls: pydantic model that validates the recipe's ``model:`` section.
+        sample_config_cls: the method's sampling settings, which validate the recipe's ``sample:`` section: a
+            :class:`~cdlm.config.SampleConfig` subclass adding what only this method reads (and its defaults);
+            a setting it does not declare is rejected. ``cdlm recipes show`` prints it.
         build: ``(run_config) → Method``, reading ``run_config.model`` (an instance of ``config_cls``) and any core
             section it needs; must work on the meta device (no data-dependent work).
-        state_dict_adapters: official checkpoint layouts this method can load, by name.
         released_formats: released checkpoint layouts that ``cdlm.load_pretrained``, ``cdlm sample --checkpoint``
             and ``cdlm convert`` read as they are (first match wins).
         check: cross-section rules, ``(run_config) → [(dotted fields involved, problem)]``, run when a recipe is
-            validated (before any data is prepared); e.g. ELF's ``data.seq_len`` must equal ``model.max_length``.
+            validated (before any data is prepared) and again when the method is built (:func:`cdlm.build`);
+            e.g. ELF's ``data.seq_len`` must equal ``model.max_length``.
     """
 
     name: str
     description: str
     config_cls: type[BaseModel]
     build: Callable[[Any], Method]
-    state_dict_adapters: Mapping[str, Callable[[Any], StateDictAdapter]] = field(default_factory=dict)
     released_formats: Sequence[ReleasedFormat] = ()
     check: Callable[[Any], Sequence[tuple[tuple[str, ...], str]]] | None = None
+    sample_config_cls: type[SampleConfig] = SampleConfig

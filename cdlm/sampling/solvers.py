@@ -23,7 +23,8 @@ from cdlm.errors import DataError
 from cdlm.sampling.grids import check_grid
 from cdlm.sampling.types import PredictFn, Prediction, SampleOutput, StepCallback, StepInfo
 
-Method = Literal["euler", "heun", "midpoint", "dpm2m", "sde"]
+SolverName = Literal["euler", "heun", "midpoint", "dpm2m", "sde"]
+"""The solvers of :func:`integrate` (one function each in ``_STEPS``)."""
 LastStep = Literal["euler", "same"]
 Time = float | Tensor
 """A time shared by every row, or (B,) fp32 per-row times (a per-row grid)."""
@@ -174,7 +175,7 @@ def integrate(
     z: Tensor,
     grid: Tensor,
     *,
-    method: Method = "euler",
+    method: SolverName = "euler",
     churn: float = 0.0,
     noise_scale: float = 1.0,
     generator: torch.Generator | None = None,

@@ -11,7 +11,7 @@ import torch
 from cdlm.config import RunConfig
 from cdlm.interfaces import Method, MethodSpec, Objective
 from cdlm.training.distill import Teacher
-from cdlm_elf.config import ElfConfig
+from cdlm_elf.config import ElfConfig, ElfSampleConfig, check_run
 from cdlm_elf.distill import ElfDistillObjective
 from cdlm_elf.embedder import T5Embedder
 from cdlm_elf.model import ElfDecoder, ElfDenoiser, ElfTransformer
@@ -19,7 +19,6 @@ from cdlm_elf.objective import ElfObjective
 from cdlm_elf.pipeline import ElfPipeline
 from cdlm_elf.released import ElfOfficialCheckpoint
 from cdlm_elf.schedule import ElfSchedule
-from cdlm_elf.state_dict import ElfStateDictAdapter
 
 
 def build(config: RunConfig) -> Method:
@@ -29,7 +28,7 @@ def build(config: RunConfig) -> Method:
     network = ElfTransformer(cfg, generator=torch.Generator().manual_seed(config.seed))  # spec §1.4 init
     denoiser, decoder, schedule = ElfDenoiser(network), ElfDecoder(network), ElfSchedule(cfg)
     pad_token = config.data.pad_token
-    objective: Objective = ElfObjective(cfg, embedder, network, schedule.flow, pad_token=pad_token)
+    objective: Objective = ElfObjective(cfg, embedder, network, schedule, pad_token=pad_token)
     if cfg.distill is not None:  # a progressive-distillation student (spec §8); the teacher is read on first use
         objective = ElfDistillObjective(cfg, embedder, network, schedule, Teacher(cfg.distill), pad_token=pad_token)
     return Method(
@@ -54,25 +53,12 @@ def build(config: RunConfig) -> Method:
     )
 
 
-def check(config: RunConfig) -> list[tuple[tuple[str, ...], str]]:
-    """Cross-section rules of ELF recipes: rows of exactly ``model.max_length`` tokens (RoPE tables, spec §1.2)."""
-    if config.data.seq_len != config.model.max_length:
-        return [
-            (
-                ("data.seq_len", "model.max_length"),
-                f"{config.data.seq_len} differs from model.max_length {config.model.max_length}; ELF reads rows of "
-                "exactly model.max_length tokens: set both to the same value",
-            )
-        ]
-    return []
-
-
 spec = MethodSpec(
     name="elf",
     description="Embedded Language Flows: flow matching in frozen T5 embeddings; one network denoises and decodes",
     config_cls=ElfConfig,
     build=build,
-    state_dict_adapters={"lillian039/ELF": ElfStateDictAdapter},
     released_formats=(ElfOfficialCheckpoint(),),
-    check=check,
+    check=check_run,
+    sample_config_cls=ElfSampleConfig,
 )

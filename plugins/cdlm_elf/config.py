@@ -1,4 +1,4 @@
-"""The ``model:`` section of ELF recipes (ELF spec §1.1, §2, §3)."""
+"""The ``model:`` and ``sample:`` sections of ELF recipes (ELF spec §1–4) and the rules between sections."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 
-from cdlm.config import Section
+from cdlm.config import RunConfig, Section
+from cdlm.pipeline import FlowSampleConfig
 from cdlm.training.distill import DistillConfig
 
 
@@ -65,3 +66,60 @@ class ElfConfig(Section):
     label_drop_prob: float = Field(0.0, ge=0.0, le=1.0)
     # progressive distillation (spec §8): set to train this network as a student of a frozen teacher
     distill: DistillConfig | None = None
+
+
+class ElfSampleConfig(FlowSampleConfig):
+    """ELF's sampling settings: the core flow sampler's, with ELF-B's headline defaults, and SC-CFG (ELF spec §4).
+
+    Defaults: 32-step SDE, γ = 1.5, SC-CFG w = 3, logit-normal grid (ELF spec §4.4); ``cfg`` (classifier-free
+    guidance on the source) is for seq2seq models.
+    """
+
+    sampler: Literal["euler", "heun", "midpoint", "dpm2m", "sde"] = Field(
+        "sde", description="the solver (see FlowSampleConfig); ELF's is sde, the back-off sampler (ELF spec §4.3)"
+    )
+    grid: Literal["uniform", "logit_normal", "logit_normal_quantiles", "shifted"] = Field(
+        "logit_normal", description="the time grid (see FlowSampleConfig); ELF's is logit_normal (ELF spec §4.1)"
+    )
+    churn: NonNegativeFloat = Field(1.5, description="SDE γ: back-off per unit time (sampler: sde, ELF spec §4.3)")
+    self_cond_scale: float = Field(3.0, description="self-conditioning guidance scale w (SC-CFG, ELF spec §3.2)")
+
+
+def check_run(config: RunConfig) -> list[tuple[tuple[str, ...], str]]:
+    """Return the cross-section problems of an ELF run config, each as (fields involved, problem).
+
+    Rows of exactly ``model.max_length`` tokens (RoPE tables, spec §1.2); a trained BPE and the token ids within
+    the vocabularies of the decoder head and, for a random encoder, of its embedding.
+    """
+    cfg: ElfConfig = config.model
+    problems = []
+    if config.data.seq_len != cfg.max_length:
+        problems.append(
+            (
+                ("data.seq_len", "model.max_length"),
+                f"{config.data.seq_len} differs from model.max_length {cfg.max_length}; ELF reads rows of "
+                "exactly model.max_length tokens: set both to the same value",
+            )
+        )
+    vocabularies = {"model.vocab_size": cfg.vocab_size}
+    if cfg.encoder.pretrained is None:
+        vocabularies["model.encoder.vocab_size"] = cfg.encoder.vocab_size
+    for field, size in vocabularies.items():
+        if config.data.tokenizer == "bpe" and config.data.vocab_size > size:
+            problems.append(
+                (
+                    ("data.vocab_size", field),
+                    f"{config.data.vocab_size} tokens for a trained BPE exceed {field} {size}, which the model "
+                    f"reads; set data.vocab_size to at most {size} (or raise {field})",
+                )
+            )
+    for name in ("pad_id", "eos_id"):
+        value = getattr(cfg, name)
+        if value >= cfg.vocab_size:
+            problems.append(
+                (
+                    (f"model.{name}", "model.vocab_size"),
+                    f"{value} is outside the vocabulary [0, {cfg.vocab_size}); set it to the tokenizer's id",
+                )
+            )
+    return problems

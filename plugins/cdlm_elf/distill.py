@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cdlm.interfaces import LossOutput, Objective, TokenBatch
+from cdlm.objective import token_cross_entropy
 from cdlm.sampling.types import Prediction
 from cdlm.training.distill import (
     Teacher,
@@ -31,7 +31,7 @@ from cdlm_elf.conditioning import ElfCond
 from cdlm_elf.config import ElfConfig
 from cdlm_elf.embedder import T5Embedder, encoder_mask
 from cdlm_elf.model import ElfTransformer
-from cdlm_elf.objective import decoder_input, sc_scale
+from cdlm_elf.objective import decoder_input, loss_mask, sc_scale
 from cdlm_elf.pipeline import elf_denoise_fn
 from cdlm_elf.schedule import ElfSchedule
 
@@ -117,11 +117,9 @@ class ElfDistillObjective(Objective):
             The loss and the per-branch row means ``ce_loss`` (decoder rows) and ``l2_loss`` (PD rows).
         """
         cfg = self.cfg
-        L = batch.ids.shape[1]
         cond_mask = batch.cond_mask  # (B, L) bool
         x0 = self.embedder.encode(batch.ids, encoder_mask(batch.mask, cond_mask))  # (B, L, C)
-        valid = batch.mask if self.pad_token == "pad" else torch.ones_like(batch.mask)
-        loss_mask = (valid & ~cond_mask).float()  # (B, L)
+        mask = loss_mask(batch, self.pad_token)  # (B, L)
 
         dec = draws.dec  # (B,) 1 = decoder row
         span_s, span_t = student_times(draws.u, self.settings.steps)
@@ -143,10 +141,10 @@ class ElfDistillObjective(Objective):
         z_in = row * z_dec + (1 - row) * z  # (B, L, C)
         out, logits = self.network(torch.cat([z_in, sc_half], dim=-1), t_s, w, decode_gate=dec, logit_rows=rows)
         assert logits is not None  # decode_gate is a tensor, so the decoder head ran
-        ce = F.cross_entropy(logits.float().flatten(0, 1), batch.ids[rows].flatten(), reduction="none")  # (K·L,)
-        ce_rows = per_example_mean(ce.view(rows.numel(), L), loss_mask[rows])  # (K,) CE_b
+        ce = token_cross_entropy(logits, batch.ids[rows])  # (K, L)
+        ce_rows = per_example_mean(ce, mask[rows])  # (K,) CE_b
         l2 = (out[pd].float() - target[pd]).pow(2).mean(dim=-1)  # (P, L) x-space, unweighted
-        pd_rows = per_example_mean(l2, loss_mask[pd])  # (P,) PD_b
+        pd_rows = per_example_mean(l2, mask[pd])  # (P,) PD_b
         loss = (ce_rows.sum() + pd_rows.sum()) / dec.numel()  # mean_b(dec·CE_b + (1 − dec)·PD_b)
         metrics = {
             "ce_loss": float(ce_rows.detach().sum() / max(rows.numel(), 1)),

@@ -1,9 +1,11 @@
-"""ELF's training objective (ELF spec §3.2–3.3): per-example decoder/denoiser mixing with SC-CFG distillation.
+"""ELF's training objective (ELF spec §3.2–3.3): the core flow matching, extended by decoder rows and SC-CFG.
 
-Each row is either a denoiser row (flow-matching loss in v-space at a logit-normal time, with the
+:class:`ElfObjective` is a :class:`~cdlm.objective.FlowMatchingObjective`: times from the schedule
+(``ElfSchedule.sample_t``), the noise, the path, the v-space loss against ``schedule.velocity`` and the single
+denominator (the number of loss tokens over all rows) are the core's. ELF adds what differs: label dropout
+(in the draws and the encoder mask), and per row, either a denoiser row (the flow-matching loss with the
 self-conditioning guidance target) or, with probability ``decoder_prob``, a decoder row (cross-entropy of the
-decoder head on a λ-mix of the clean latents and noise at t = 1, mode tokens on). Both branches share one
-denominator: the number of loss tokens over all rows.
+decoder head on a λ-mix of the clean latents and noise at t = 1, mode tokens on).
 
 The random draws (:meth:`ElfObjective.draw`) are split from the maths (:meth:`ElfObjective.loss`) so that a
 recorded step can be replayed exactly.
@@ -16,25 +18,28 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from cdlm.flow import RectifiedFlow
-from cdlm.interfaces import LossOutput, Objective, TokenBatch
+from cdlm.interfaces import TokenBatch
+from cdlm.objective import FlowDraws, FlowMatchingObjective, LossTerm, token_cross_entropy
 from cdlm_elf.conditioning import ElfCond
 from cdlm_elf.config import ElfConfig
 from cdlm_elf.embedder import T5Embedder, encoder_mask
-from cdlm_elf.model import ElfTransformer
+from cdlm_elf.model import ElfDenoiser, ElfTransformer
+from cdlm_elf.schedule import ElfSchedule
 
 
 @dataclass(frozen=True)
-class ElfDraws:
-    """The raw random draws of one training step, in call order (spec §3.2), before any scaling.
+class ElfDraws(FlowDraws):
+    """The random draws of one training step (spec §3.2), before any scaling except the times.
+
+    Draw order: ``label_drop``, then the core's ``t`` and ``eps``, then ``dec``, ``lam``, ``eps_dec``, ``use_sc``,
+    ``sc_scale``.
 
     Attributes:
-        label_drop: (B,) U[0, 1) label-dropout draw (drawn first), or None when there is no label dropout.
-        t: (B,) N(0, 1) time logits (``time_schedule: logit_normal``) or U[0, 1) times (``uniform``).
+        t: (B,) training times from ``ElfSchedule.sample_t``: ``sigmoid(p_std·N(0, 1) + p_mean)`` or U[0, 1).
         eps: (B, L, C) N(0, 1) denoiser noise (scaled by ``noise_scale`` on the path).
+        label_drop: (B,) U[0, 1) label-dropout draw (drawn first), or None when there is no label dropout.
         dec: (B,) Bernoulli(``decoder_prob``) as float, 1 = decoder (CE) row.
         lam: (B·L,) N(0, 1) logits of the per-token decoder mixing coefficient λ.
         eps_dec: (B, L, C) N(0, 1) decoder noise (before ×``decoder_noise_scale``).
@@ -43,8 +48,6 @@ class ElfDraws:
     """
 
     label_drop: Tensor | None
-    t: Tensor
-    eps: Tensor
     dec: Tensor
     lam: Tensor
     eps_dec: Tensor
@@ -77,47 +80,40 @@ def sc_scale(r: Tensor, cfg: ElfConfig) -> Tensor:
     return low * torch.exp(r * math.log(high / low)) - 1  # (B,)
 
 
-def _combine(ce: Tensor, l2: Tensor, loss_mask: Tensor, dec: Tensor) -> LossOutput:
-    """Mix the per-token losses (B, L) by row kind (dec (B,), 1 = CE row) over one denominator Σ loss_mask."""
-    ce_mask, l2_mask = loss_mask * dec[:, None], loss_mask * (1 - dec[:, None])  # (B, L)
-    ce_sum, l2_sum = (ce * ce_mask).sum(), (l2 * l2_mask).sum()
-    loss = (ce_sum + l2_sum) / loss_mask.sum().clamp_min(1)
-    metrics = {  # per-branch token means, as the reference logs them
-        "ce_loss": float(ce_sum.detach() / ce_mask.sum().clamp_min(1)),
-        "l2_loss": float(l2_sum.detach() / l2_mask.sum().clamp_min(1)),
-    }
-    return LossOutput(loss=loss, metrics=metrics)
+def loss_mask(batch: TokenBatch, pad_token: Literal["pad", "eos"]) -> Tensor:
+    """Return the (B, L) float loss mask: target positions, padding included when it is EOS (``data.pad_token``)."""
+    valid = batch.mask if pad_token == "pad" else torch.ones_like(batch.mask)
+    return (valid & ~batch.cond_mask).float()
 
 
-class ElfObjective(Objective):
+class ElfObjective(FlowMatchingObjective):
     """The ELF training loss over a batch (spec §3.3): 2 no-grad forwards plus 1 forward with grad.
 
     Args:
-        cfg: the ELF model config (objective hyper-parameters: ``time_schedule``, ``p_mean``, ``decoder_*``,
-            ``self_cond_*``, ``label_drop_prob``).
+        cfg: the ELF model config (objective hyper-parameters: ``decoder_*``, ``self_cond_*``,
+            ``label_drop_prob``).
         embedder: the frozen T5 embedder producing the clean latents x0.
         network: the ELF network, called in denoise and (per-row gated) decode mode.
-        flow: the path ``z_t = t·x + (1 − t)·s·ε`` and ``v = (x − z)/max(1 − t, t_eps)`` (``ElfSchedule.flow``).
+        schedule: ELF's schedule: training times, the path ``z_t = t·x + (1 − t)·s·ε``, ``v = (x − z)/max(1 − t,
+            t_eps)``.
         pad_token: ``"pad"`` masks padding (``batch.mask`` False) out of the loss; ``"eos"`` trains the EOS
             padding as the reference does for seq2seq (``data.pad_token``). The encoder mask always uses
             ``batch.mask``.
     """
+
+    embedder: T5Embedder
 
     def __init__(
         self,
         cfg: ElfConfig,
         embedder: T5Embedder,
         network: ElfTransformer,
-        flow: RectifiedFlow,
+        schedule: ElfSchedule,
         *,
         pad_token: Literal["pad", "eos"] = "pad",
     ) -> None:
-        self.cfg, self.embedder, self.network, self.flow = cfg, embedder, network, flow
-        self.pad_token = pad_token
-
-    def __call__(self, batch: TokenBatch, generator: torch.Generator) -> LossOutput:
-        """Draw this step's random numbers from ``generator`` and compute the loss of ``batch``."""
-        return self.loss(batch, self.draw(batch, generator))
+        super().__init__(embedder, ElfDenoiser(network), schedule, (cfg.max_length, cfg.latent_dim))
+        self.cfg, self.network, self.pad_token = cfg, network, pad_token
 
     def draw(self, batch: TokenBatch, generator: torch.Generator) -> ElfDraws:
         """Draw every random number of one step from ``generator``, in the spec §3.2 order.
@@ -140,38 +136,48 @@ class ElfObjective(Objective):
 
         has_label_drop = self.cfg.label_drop_prob > 0 and bool(batch.cond_mask.any())
         label_drop = rand(B) if has_label_drop else None
-        t = randn(B) if self.cfg.time_schedule == "logit_normal" else rand(B)
-        eps = randn(B, L, C)
+        flow = super().draw(batch, generator)  # t from ElfSchedule.sample_t, then ε (B, L, C)
         probs = torch.full((B,), self.cfg.decoder_prob, device=generator.device)
         dec = torch.bernoulli(probs, generator=generator).to(device)
-        return ElfDraws(label_drop, t, eps, dec, randn(B * L), randn(B, L, C), rand(B), rand(B))
+        return ElfDraws(
+            t=flow.t,
+            eps=flow.eps,
+            label_drop=label_drop,
+            dec=dec,
+            lam=randn(B * L),
+            eps_dec=randn(B, L, C),
+            use_sc=rand(B),
+            sc_scale=rand(B),
+        )
 
-    def loss(self, batch: TokenBatch, draws: ElfDraws) -> LossOutput:
-        """Compute the spec §3.3 loss of ``batch`` for given draws.
+    def embed(self, batch: TokenBatch, draws: ElfDraws) -> Tensor:
+        """Return x0 (B, L, C): the batch encoded under the spec §2 mask, dropped rows without their condition."""
+        return self.embedder.encode(batch.ids, encoder_mask(batch.mask, batch.cond_mask, self._dropped(draws)))
+
+    def loss_mask(self, batch: TokenBatch) -> Tensor:
+        """Return the (B, L) float loss mask of :func:`loss_mask` for this objective's ``pad_token`` (step 2)."""
+        return loss_mask(batch, self.pad_token)
+
+    def terms(self, batch: TokenBatch, x0: Tensor, draws: ElfDraws, mask: Tensor) -> dict[str, LossTerm]:
+        """Return the spec §3.3 terms: ``ce_loss`` on the decoder rows, ``l2_loss`` (v-space) on the others.
 
         Args:
             batch: ``ids`` (B, L) int64, ``mask`` (B, L) bool validity, ``cond_mask`` (B, L) bool condition.
+            x0: (B, L, C) clean latents (:meth:`embed`).
             draws: the raw random draws of this step.
-
-        Returns:
-            The loss (scalar, single denominator over all rows) and the per-branch token means
-            ``l2_loss`` (denoiser rows) and ``ce_loss`` (decoder rows).
+            mask: (B, L) the loss mask; each term takes its rows of it.
         """
-        cfg, flow = self.cfg, self.flow
+        cfg, schedule = self.cfg, self.schedule
         B, L = batch.ids.shape
         cond_mask = batch.cond_mask  # (B, L) bool
-        drop = None if draws.label_drop is None else draws.label_drop < cfg.label_drop_prob  # (B,) bool
-        x0 = self.embedder.encode(batch.ids, encoder_mask(batch.mask, cond_mask, drop))  # (B, L, C), step 1
-        valid = batch.mask if self.pad_token == "pad" else torch.ones_like(batch.mask)
-        loss_mask = (valid & ~cond_mask).float()  # (B, L), step 2
-
-        t = _logit_normal(draws.t, cfg.p_mean, cfg.p_std) if cfg.time_schedule == "logit_normal" else draws.t
-        z = torch.where(cond_mask[..., None], x0, flow.interpolate(x0, draws.eps, t))  # (B, L, C), step 3
+        drop = self._dropped(draws)  # (B,) bool or None
+        t = draws.t  # (B,)
+        z = torch.where(cond_mask[..., None], x0, schedule.interpolate(x0, draws.eps, t))  # (B, L, C), step 3
         if drop is not None:  # step 4: dropped rows lose their condition latents in z and x0
             keep = ~(drop[:, None] & cond_mask)[..., None]  # (B, L, 1)
             z, x0 = z * keep, x0 * keep
         z_dec = decoder_input(x0, draws.lam, draws.eps_dec, cfg)  # (B, L, C), step 5, no restore
-        v_target = flow.velocity_from_x(x0, z, t)  # (B, L, C), step 6
+        v_target = schedule.velocity(x0, draws.eps, z, t)  # (B, L, C), step 6
 
         dec = draws.dec  # (B,) 1 = decoder row
         use_sc = (draws.use_sc < cfg.self_cond_prob).float()[:, None, None]  # (B, 1, 1)
@@ -198,15 +204,22 @@ class ElfObjective(Objective):
         if sc_guidance:  # step 10: distil SC-CFG with scale w into the single forward
             with torch.no_grad():
                 out_c = self._denoise(z, x_init, t, w)
-            v_u, v_c = flow.velocity_from_x(out_u, z, t), flow.velocity_from_x(out_c, z, t)
+            v_u, v_c = schedule.predict(out_u, z, t).v, schedule.predict(out_c, z, t).v
             target = v_target + use_sc * (1 - 1 / w)[:, None, None] * (v_c - v_u)
 
         # step 11: per-token losses in fp32; decoder rows' l2 also uses (z, t) but is masked out
         # CE only on decoder rows (K, L); the other rows' CE is 0 and masked out, as it was when computed in full
-        ce_rows = F.cross_entropy(logits.float().flatten(0, 1), batch.ids[rows].flatten(), reduction="none")
-        ce = torch.zeros(B, L, device=ce_rows.device).index_copy(0, rows, ce_rows.view(-1, L))  # (B, L)
-        l2 = (flow.velocity_from_x(out.float(), z, t) - target).pow(2).mean(dim=-1)  # (B, L)
-        return _combine(ce, l2, loss_mask, dec)
+        ce_rows = token_cross_entropy(logits, batch.ids[rows])  # (K, L)
+        ce = torch.zeros(B, L, device=ce_rows.device).index_copy(0, rows, ce_rows)  # (B, L)
+        l2 = (schedule.predict(out, z, t).v - target).pow(2).mean(dim=-1)  # (B, L)
+        return {
+            "ce_loss": LossTerm(ce, mask * dec[:, None]),
+            "l2_loss": LossTerm(l2, mask * (1 - dec[:, None])),
+        }
+
+    def _dropped(self, draws: ElfDraws) -> Tensor | None:
+        """Return the (B,) bool rows whose condition is dropped (label dropout), or None without label dropout."""
+        return None if draws.label_drop is None else draws.label_drop < self.cfg.label_drop_prob
 
     def _denoise(self, z: Tensor, self_cond: Tensor, t: Tensor, w: Tensor) -> Tensor:
         """Run the network as a pure denoiser on [z, self_cond] (B, L, 2C); return x̂ (B, L, C) fp32."""

@@ -1,8 +1,16 @@
-"""ELF generation (ELF spec §4–5): random time grid, SDE/ODE rollout with SC-CFG and CFG, decode at t = 1.
+"""ELF generation (ELF spec §4–5): the core pipeline, extended by ELF's condition pinning, SC-CFG and EOS cuts.
+
+:class:`ElfPipeline` is a :class:`~cdlm.pipeline.FlowPipeline`: batching, the time grid, z₀, the SDE/ODE rollout
+with classifier-free guidance and the decode at t = 1 are the core's. ELF changes what differs: seq2seq sources
+are encoded into clean condition latents that stay pinned through the rollout (inputs and outputs of every
+network call, and the state after every step); the self-conditioning guidance scale w travels in the
+conditioning (SC-CFG tokens, no extra forward); greedy decoding skips the full fp32 logits; rows are cut at
+their first EOS.
 
 Every draw comes from the one explicit generator, in this order per batch: the time grid, z₀, then the
 per-step SDE noise (then token sampling when the temperature is positive). The reference draws the grid
-from the global RNG instead (spec §4.3 step 5); a fixture replays its recorded grid through :func:`rollout`.
+from the global RNG instead (spec §4.3 step 5); a fixture replays its recorded grid through
+:func:`cdlm.pipeline.rollout`.
 """
 
 from __future__ import annotations
@@ -10,16 +18,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cdlm.config import SampleConfig
 from cdlm.errors import DataError
-from cdlm.interfaces import Embedder, GenerateOutput, GenerateRequest, Pipeline, TokenBatch
-from cdlm.sampling import grids
+from cdlm.interfaces import Embedder, GenerateRequest, TokenBatch
+from cdlm.pipeline import Constrain, FlowPipeline, decode_tokens
 from cdlm.sampling.guidance import classifier_free
-from cdlm.sampling.solvers import integrate
-from cdlm.sampling.tokens import GREEDY_BELOW, select_tokens
-from cdlm.sampling.types import DenoiseFn, PredictFn, Prediction, SampleOutput, StepCallback
+from cdlm.sampling.tokens import GREEDY_BELOW
+from cdlm.sampling.types import DenoiseFn, PredictFn, Prediction
 from cdlm_elf.conditioning import ElfCond
-from cdlm_elf.config import ElfConfig
+from cdlm_elf.config import ElfConfig, ElfSampleConfig
 from cdlm_elf.model import ElfDecoder, ElfDenoiser
 from cdlm_elf.schedule import ElfSchedule
 
@@ -58,60 +64,17 @@ def guided(denoise: DenoiseFn, cond: ElfCond, cfg_scale: float) -> PredictFn:
     return pinned
 
 
-def time_grid(settings: SampleConfig, generator: torch.Generator) -> Tensor:
-    """Return the (steps + 1,) fp32 grid of ``settings`` (spec §4.1); a logit-normal grid is drawn per batch."""
-    if settings.grid == "uniform":
-        return grids.uniform(settings.steps)
-    if settings.grid == "shifted":
-        return grids.shifted(settings.steps, settings.grid_shift)
-    if settings.grid == "logit_normal_quantiles":
-        return grids.logit_normal_quantiles(settings.steps, settings.grid_mean, settings.grid_std)
-    return grids.logit_normal(settings.steps, generator, settings.grid_mean, settings.grid_std)
-
-
-def rollout(
-    predict: PredictFn,
-    z0: Tensor,
-    grid: Tensor,
-    cond: ElfCond,
-    settings: SampleConfig,
-    *,
-    noise_scale: float,
-    generator: torch.Generator,
-    on_step: StepCallback | None = None,
-) -> SampleOutput:
-    """Integrate from noise z₀ (B, L, C) along ``grid`` with condition positions pinned (spec §4.3 steps 1–3).
-
-    ``settings.sampler`` runs every step but the last, which is always a plain Euler (ODE) step to t = 1;
-    the SDE back-off uses γ = ``settings.churn`` and re-noises with ``noise_scale``·ε from ``generator``.
-    """
-    return integrate(
-        predict,
-        cond.restore(z0),
-        grid,
-        method=settings.sampler,
-        churn=settings.churn,
-        noise_scale=noise_scale,
-        generator=generator,
-        constrain=cond.restore,
-        last_step="euler",
-        on_step=on_step,
-    )
-
-
-def decode(decoder: ElfDecoder, z: Tensor, cond: ElfCond, settings: SampleConfig, generator: torch.Generator) -> Tensor:
+def decode(
+    decoder: ElfDecoder, z: Tensor, cond: ElfCond, settings: ElfSampleConfig, generator: torch.Generator
+) -> Tensor:
     """Return token ids (B, L) for the final state z (B, L, C): decoder logits at t = 1, then token selection.
 
     Temperature 0 is the reference's argmax (spec §4.3 step 4), taken by ``decoder.greedy`` without computing
-    every fp32 logit (same ids; ``greedy_linear``). ELF decodes every position at once, so there is no generated
-    history for a repetition penalty.
+    every fp32 logit (same ids; ``greedy_linear``); otherwise the core's :func:`~cdlm.pipeline.decode_tokens`.
     """
     if settings.temperature < GREEDY_BELOW:
         return decoder.greedy(z, cond)
-    logits = decoder(z, cond)  # (B, L, V)
-    return select_tokens(
-        logits, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, generator=generator
-    )
+    return decode_tokens(decoder, z, cond, settings, generator)
 
 
 def mask_after_eos(ids: Tensor, eos_id: int, pad_id: int) -> Tensor:
@@ -130,20 +93,26 @@ def postprocess(ids: Tensor, source_lengths: list[int] | None, *, eos_id: int, p
     return [mask_after_eos(ids[i, n:][None], eos_id, eos_id)[0].tolist() for i, n in enumerate(source_lengths)]
 
 
-class ElfPipeline(Pipeline):
+class ElfPipeline(FlowPipeline):
     """Unconditional or seq2seq generation with an ELF network.
 
+    Unconditional rows are masked after their first EOS (pad); a seq2seq row returns the L − n positions after its
+    n source tokens, EOS-filled after the first EOS (spec §5). ``nfe`` counts every network call, the decoder's
+    included.
+
     Args:
-        cfg: the ELF model config (``max_length`` L, ``latent_dim`` C, ``noise_scale``).
+        cfg: the ELF model config (``max_length`` L, ``latent_dim`` C).
         denoiser: the network as a Denoiser.
         decoder: the same network in decode mode.
-        schedule: ELF's flow schedule (x-prediction → velocity).
+        schedule: ELF's flow schedule (x-prediction → velocity; its ``noise_scale`` is the noise end).
         embedder: encodes seq2seq sources (prompts) into condition latents.
         eos_id: end-of-sequence id of the tokenizer (T5: 1).
         pad_id: padding id of the tokenizer (T5: 0).
         conditional: whether the network was trained with sources (``data.source_field`` set); prompts and
             classifier-free guidance are refused otherwise.
     """
+
+    decoder_calls = 1  # the decoder is the denoiser's network in decode mode
 
     def __init__(
         self,
@@ -157,73 +126,63 @@ class ElfPipeline(Pipeline):
         pad_id: int = 0,
         conditional: bool = True,
     ) -> None:
+        super().__init__(denoiser, schedule, decoder, (cfg.max_length, cfg.latent_dim))
         self.cfg, self.decoder, self.embedder, self.conditional = cfg, decoder, embedder, conditional
-        self.denoise = elf_denoise_fn(denoiser, schedule)
         self.eos_id, self.pad_id = eos_id, pad_id
+        self._denoise = elf_denoise_fn(denoiser, schedule)
 
-    @torch.no_grad()
-    def __call__(
-        self, request: GenerateRequest, generator: torch.Generator, on_step: StepCallback | None = None
-    ) -> GenerateOutput:
-        """Generate ``request.num_samples`` rows of L tokens, in batches of ``settings.batch_size``.
-
-        Unconditional rows are masked after their first EOS (pad); a seq2seq row returns the L − n positions
-        after its n source tokens, EOS-filled after the first EOS (spec §5). ``nfe`` counts every network call.
+    def check(self, request: GenerateRequest) -> None:
+        """Refuse bad prompts and guidance before any work.
 
         Raises:
             DataError: the prompts do not match ``num_samples``, a source does not leave room to generate, prompts
                 for a model trained without sources, or a CFG scale with nothing to condition on.
         """
-        settings: SampleConfig = request.settings
-        prompts = request.prompts
-        self._check_prompts(request.num_samples, prompts)
-        self._check_guidance(prompts, settings.cfg)
-        ids: list[list[int]] = []
-        nfe = 0
-        for start in range(0, request.num_samples, settings.batch_size):
-            size = min(settings.batch_size, request.num_samples - start)
-            sources = None if prompts is None else prompts[start : start + size]
-            cond = self.condition(size, sources, settings.self_cond_scale)
-            grid = time_grid(settings, generator)
-            shape = (size, self.cfg.max_length, self.cfg.latent_dim)  # (B, L, C)
-            z0 = self.cfg.noise_scale * torch.randn(shape, generator=generator, device=generator.device)
-            out = rollout(
-                guided(self.denoise, cond, settings.cfg),
-                z0.to(self._device()),
-                grid,
-                cond,
-                settings,
-                noise_scale=self.cfg.noise_scale,
-                generator=generator,
-                on_step=on_step,
-            )
-            tokens = decode(self.decoder, out.z, cond, settings, generator).cpu()  # (B, L)
-            lengths = None if sources is None else [len(s) for s in sources]
-            ids.extend(postprocess(tokens, lengths, eos_id=self.eos_id, pad_id=self.pad_id))
-            nfe += out.nfe + 1  # + the decoder forward
-        return GenerateOutput(ids=ids, nfe=nfe)
+        self._check_prompts(request.num_samples, request.prompts)
+        self._check_guidance(request.prompts, request.settings.cfg)
 
-    def condition(self, size: int, sources: list[list[int]] | None, sc_scale: float) -> ElfCond:
+    def condition(self, size: int, prompts: list[list[int]] | None, settings: ElfSampleConfig) -> ElfCond:
         """Return the ElfCond of ``size`` rows: SC-CFG scale w, plus the sources encoded at positions [0, n) if any.
 
         Args:
             size: number of rows B.
-            sources: B lists of source token ids (seq2seq), or None (unconditional).
-            sc_scale: self-conditioning guidance scale w, the same for every row.
+            prompts: B lists of source token ids (seq2seq), or None (unconditional).
+            settings: the sample settings; ``self_cond_scale`` is the SC-CFG scale w of every row.
         """
-        device = self._device()
-        w = torch.full((size,), sc_scale, dtype=torch.float32, device=device)  # (B,)
-        if sources is None:
+        device = self.device()
+        w = torch.full((size,), settings.self_cond_scale, dtype=torch.float32, device=device)  # (B,)
+        if prompts is None:
             return ElfCond(w)
         L = self.cfg.max_length
         ids = torch.full((size, L), self.pad_id, dtype=torch.long)
-        for row, source in enumerate(sources):
+        for row, source in enumerate(prompts):
             ids[row, : len(source)] = torch.tensor(source, dtype=torch.long)
-        lengths = torch.tensor([len(s) for s in sources])
+        lengths = torch.tensor([len(s) for s in prompts])
         is_source = torch.arange(L)[None] < lengths[:, None]  # (B, L)
         # the encoder mask lets condition tokens see only the condition (spec §5), so the rest is irrelevant
         values = self.embedder(TokenBatch(ids, is_source, is_source).to(device))  # (B, L, C)
         return ElfCond(w, values.float(), is_source.to(device))
+
+    def denoise(self, z: Tensor, t: Tensor, x_prev: Tensor, cond: ElfCond) -> Prediction:
+        """ELF's DenoiseFn (:func:`elf_denoise_fn`): condition positions pinned, x_prev as self-conditioning."""
+        return self._denoise(z, t, x_prev, cond)
+
+    def predictor(self, cond: ElfCond, settings: ElfSampleConfig) -> PredictFn:
+        """Return :func:`guided`: classifier-free guidance on the source, re-pinned."""
+        return guided(self.denoise, cond, settings.cfg)
+
+    def constrain(self, cond: ElfCond) -> Constrain:
+        """Return ``cond.restore``: condition positions stay at their clean latents (spec §4.3)."""
+        return cond.restore
+
+    def decode(self, z: Tensor, cond: ElfCond, settings: ElfSampleConfig, generator: torch.Generator) -> Tensor:
+        """Return token ids (B, L) from the decoder at t = 1 (:func:`decode`)."""
+        return decode(self.decoder, z, cond, settings, generator)
+
+    def postprocess(self, tokens: Tensor, prompts: list[list[int]] | None) -> list[list[int]]:
+        """Cut each row at its first EOS; a seq2seq row keeps the positions after its source (:func:`postprocess`)."""
+        lengths = None if prompts is None else [len(s) for s in prompts]
+        return postprocess(tokens, lengths, eos_id=self.eos_id, pad_id=self.pad_id)
 
     def _check_guidance(self, prompts: list[list[int]] | None, cfg: float) -> None:
         if prompts is not None and not self.conditional:
@@ -252,6 +211,3 @@ class ElfPipeline(Pipeline):
                 f"ELF generation: prompts {too_long[:8]} have ≥ model.max_length={L} source tokens; a source must "
                 f"leave room to generate (at most {L - 1} tokens)"
             )
-
-    def _device(self) -> torch.device:
-        return next(self.decoder.parameters()).device

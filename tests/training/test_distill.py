@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import Tensor
 
+from cdlm.config import RunConfig
 from cdlm.interfaces import TokenBatch
+from cdlm.registry import get_method
 from cdlm.sampling.types import Prediction
 from cdlm.training.distill import (
     DistillConfig,
@@ -16,7 +20,7 @@ from cdlm.training.distill import (
     teacher_grid,
     teacher_target,
 )
-from toy_plugin.cdlm_toy import ToyConfig, ToyDenoiser, ToyEmbedder, ToySchedule
+from toy_plugin.register import register_toy
 
 
 def test_student_span_and_teacher_grid() -> None:
@@ -40,13 +44,15 @@ def test_implied_target_recovers_x_on_a_straight_path() -> None:
     torch.testing.assert_close(teacher_target(oracle, z, grid, torch.zeros_like(z)), x, atol=1e-5, rtol=0)
 
 
-def test_generic_objective_trains_a_four_component_method() -> None:
-    cfg = ToyConfig()
+def test_generic_objective_trains_a_four_component_method(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    register_toy(tmp_path, monkeypatch)  # the README's example plugin: four components, nothing else
+    toy = get_method("toy")
+    cfg = toy.config_cls()
     settings = DistillConfig(steps=4, teacher_steps=2)
-    teacher = ToyDenoiser(cfg)
-    student = ToyDenoiser(cfg)
+    method = toy.build(RunConfig(method="toy", model=cfg))
+    student, teacher = method.denoiser, toy.build(RunConfig(method="toy", model=cfg)).denoiser
     student.load_state_dict(teacher.state_dict())
-    objective = ProgressiveDistillation(ToyEmbedder(cfg), student, ToySchedule(), Teacher(settings, teacher), settings)
+    objective = ProgressiveDistillation(method.embedder, student, method.schedule, Teacher(settings, teacher), settings)
     ids = torch.randint(3, cfg.vocab_size, (4, cfg.max_length), generator=torch.Generator().manual_seed(2))
     batch = TokenBatch(ids, torch.ones_like(ids, dtype=torch.bool), torch.zeros_like(ids, dtype=torch.bool))
     out = objective(batch, torch.Generator().manual_seed(3))

@@ -23,19 +23,20 @@ from cdlm.registry import get_method
 from cdlm.training.checkpoint import load_checkpoint
 from cdlm.training.distributed import make_accelerator
 from cdlm.training.loop import train
-from toy_plugin.register import TOY_ROOT, register_toy
+from toy_plugin.register import TESTS_ROOT, TOY_ROOT, random_rows, register_toy
 
 WORKER = """
 import json, sys, time, torch
 import cdlm_toy
 from cdlm.config import RunConfig
 from cdlm.training.distributed import shutdown
+from toy_plugin.register import random_rows
 from cdlm.training.loop import train
 raw = json.loads(sys.argv[1])
 cfg = RunConfig(**{**raw, "model": cdlm_toy.ToyConfig(**raw["model"])})
 torch.manual_seed(0)
 slow = float(sys.argv[3])
-train(cfg, cdlm_toy.build(cfg), sys.argv[2], cdlm_toy.random_rows(), on_log=lambda r: time.sleep(slow))
+train(cfg, cdlm_toy.build(cfg), sys.argv[2], random_rows(), on_log=lambda r: time.sleep(slow))
 shutdown()
 """
 
@@ -61,7 +62,7 @@ def launch(tmp_path: Path, cfg: RunConfig, run_dir: Path, *, sleep: float = 0.0)
     """Start ``cfg`` on 2 processes with torch.distributed.run (gloo on the CPU), in a new process group."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER, encoding="utf-8")
-    paths = [str(TOY_ROOT), str(tmp_path / "toy-site"), os.environ.get("PYTHONPATH", "")]
+    paths = [str(TOY_ROOT), str(TESTS_ROOT), str(tmp_path / "toy-site"), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
     cmd += [
@@ -87,7 +88,7 @@ def losses(run_dir: Path) -> list[float]:
 
 @pytest.mark.slow
 def test_two_processes_equal_one_and_kill_9_resumes_exactly(toy: MethodSpec, tmp_path: Path) -> None:
-    rows = sys.modules["cdlm_toy"].random_rows()
+    rows = random_rows()
     one = config(toy, grad_accum=2)  # 1 process × 2 micro-batches of 4 = 2 processes × 1 micro-batch of 4
     torch.manual_seed(0)
     train(one, toy.build(one), tmp_path / "one", rows)
@@ -148,7 +149,7 @@ def test_mixed_precision_goes_through_accelerate(
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
     cfg = config(toy, steps=2, precision=precision)
     torch.manual_seed(0)
-    result = train(cfg, toy.build(cfg), tmp_path / "run", sys.modules["cdlm_toy"].random_rows())
+    result = train(cfg, toy.build(cfg), tmp_path / "run", random_rows())
     assert result.step == 2 and all(isinstance(x, float) for x in losses(tmp_path / "run"))
 
 

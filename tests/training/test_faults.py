@@ -23,7 +23,7 @@ from cdlm.interfaces import LossOutput, Method, MethodSpec
 from cdlm.registry import get_method
 from cdlm.training.checkpoint import list_checkpoints, load_checkpoint
 from cdlm.training.loop import train
-from toy_plugin.register import register_toy
+from toy_plugin.register import random_rows, register_toy
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def build(spec: MethodSpec, cfg: RunConfig) -> Method:
 
 
 def rows() -> Any:
-    return sys.modules["cdlm_toy"].random_rows()
+    return random_rows()
 
 
 def strict_json_lines(path: Path) -> list[dict[str, Any]]:

@@ -13,12 +13,13 @@ import pytest
 import torch
 import yaml
 
-from cdlm.config import RunConfig, SampleConfig
+from cdlm.config import RunConfig
 from cdlm.interfaces import GenerateRequest, Method, MethodSpec
+from cdlm.pipeline import FlowSampleConfig
 from cdlm.registry import get_method
 from cdlm.training.checkpoint import load_checkpoint
 from cdlm.training.loop import train
-from toy_plugin.register import TOY_ROOT, register_toy
+from toy_plugin.register import TESTS_ROOT, TOY_ROOT, random_rows, register_toy
 
 TIMING = ("tokens_per_s", "elapsed_s")
 
@@ -35,8 +36,13 @@ def make_config(spec: MethodSpec, **train_cfg: Any) -> RunConfig:
 
 
 def build(spec: MethodSpec, cfg: RunConfig, init_seed: int = 0) -> Method:
-    torch.manual_seed(init_seed)  # the entry point seeds construction (cdlm.train does the same)
-    return spec.build(cfg)
+    method = spec.build(cfg)  # initialised from cfg.seed
+    if init_seed:  # other initial weights, so that a resumed run must read every weight from disk
+        generator = torch.Generator().manual_seed(init_seed)
+        with torch.no_grad():
+            for p in method.modules().parameters():
+                p.copy_(torch.randn(p.shape, generator=generator))
+    return method
 
 
 def metrics(run_dir: Path, timing: bool = False) -> list[dict[str, float]]:
@@ -68,7 +74,7 @@ def crash_at(step: int) -> Any:
 
 @pytest.mark.parametrize(("optimizer", "grad_accum"), [("muon", 2), ("adamw", 1)])
 def test_resume_is_bit_exact(toy: MethodSpec, tmp_path: Path, optimizer: str, grad_accum: int) -> None:
-    rows = sys.modules["cdlm_toy"].random_rows()
+    rows = random_rows()
     cfg = make_config(toy, optimizer=optimizer, grad_accum=grad_accum, warmup_steps=2, lr_schedule="cosine")
     straight = build(toy, cfg)
     train(cfg, straight, tmp_path / "a", rows)
@@ -86,7 +92,7 @@ def test_resume_is_bit_exact(toy: MethodSpec, tmp_path: Path, optimizer: str, gr
 
 
 def test_extending_a_finished_run_equals_the_longer_run(toy: MethodSpec, tmp_path: Path) -> None:
-    rows = sys.modules["cdlm_toy"].random_rows()
+    rows = random_rows()
     cfg = make_config(toy)  # constant LR: the 3-step run is a prefix of the 6-step one
     train(cfg, build(toy, cfg), tmp_path / "a", rows)
     short = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 3})})
@@ -100,44 +106,40 @@ def test_extending_a_finished_run_equals_the_longer_run(toy: MethodSpec, tmp_pat
 def test_outputs_logging_and_checkpoints(toy: MethodSpec, tmp_path: Path) -> None:
     cfg = make_config(toy, steps=5, log_every=2, save_every=2, keep_last=2, clip_grad_norm=1e-3)
     seen: list[dict[str, float]] = []
-    result = train(cfg, build(toy, cfg), tmp_path, sys.modules["cdlm_toy"].random_rows(), on_log=seen.append)
+    result = train(cfg, build(toy, cfg), tmp_path, random_rows(), on_log=seen.append)
     lines = metrics(tmp_path, timing=True)
-    assert [list(r) for r in lines] == [
-        ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "mse", "ce"]
-    ] * 3
+    assert [list(r) for r in lines] == [["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "mse"]] * 3
     assert [r["step"] for r in lines] == [2, 4, 5] and seen == lines and result.metrics == lines[-1]
     assert all(r["grad_norm"] > 1e-3 and r["lr"] == cfg.train.lr for r in lines)  # pre-clip norm is logged
-    assert all(abs(r["loss"] - r["mse"] - r["ce"]) < 1e-5 for r in lines)
+    assert all(abs(r["loss"] - r["mse"]) < 1e-5 for r in lines)  # the toy's one term: its discretizer is fixed
     assert lines[0]["tokens_per_s"] > 0 and lines[0]["elapsed_s"] <= lines[-1]["elapsed_s"]
     assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == cfg.model_dump(mode="json")
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000004", "step-00000005"]
     assert result.step == 5 and result.checkpoint == tmp_path / "checkpoints" / "step-00000005"
-    again = train(cfg, build(toy, cfg), tmp_path, sys.modules["cdlm_toy"].random_rows())  # already done
+    again = train(cfg, build(toy, cfg), tmp_path, random_rows())  # already done
     assert again.step == 5 and again.metrics == lines[-1] and len(metrics(tmp_path)) == 3  # last logged record
 
 
 def test_frozen_modules_are_saved_not_trained(toy: MethodSpec, tmp_path: Path) -> None:
     cfg = make_config(toy, steps=2)
     method = build(toy, cfg)
-    head = method.trainable["discretizer"]
-    method.trainable = {k: v for k, v in method.trainable.items() if k != "discretizer"}
-    method.frozen = {"discretizer": head}
-    before = {k: v.clone() for k, v in head.state_dict().items()}
-    train(cfg, method, tmp_path, sys.modules["cdlm_toy"].random_rows())
-    assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())
-    assert not any(p.requires_grad for p in head.parameters()) and not head.training
+    table = method.frozen["embedder"]  # the toy's random embedding table
+    before = {k: v.clone() for k, v in table.state_dict().items()}
+    train(cfg, method, tmp_path, random_rows())
+    assert all(torch.equal(before[k], v) for k, v in table.state_dict().items())
+    assert not any(p.requires_grad for p in table.parameters()) and not table.training
     state = load_checkpoint(tmp_path)
-    assert torch.equal(state.model_state["discretizer.head.weight"], before["head.weight"])
-    assert not any(k.startswith("discretizer.") for k in state.ema_state)
+    assert torch.equal(state.model_state["embedder.table.weight"], before["table.weight"])
+    assert not any(k.startswith("embedder.") for k in state.ema_state)
 
 
 def test_trained_toy_samples_through_its_pipeline(toy: MethodSpec, tmp_path: Path) -> None:
     cfg = make_config(toy, steps=2)
     method = build(toy, cfg)
-    train(cfg, method, tmp_path, sys.modules["cdlm_toy"].random_rows())
+    train(cfg, method, tmp_path, random_rows())
     steps: list[int] = []
     out = method.pipeline(
-        GenerateRequest(num_samples=2, prompts=None, settings=SampleConfig(steps=4)),
+        GenerateRequest(num_samples=2, prompts=None, settings=FlowSampleConfig(steps=4)),
         torch.Generator().manual_seed(0),
         on_step=lambda info: steps.append(info.index),
     )
@@ -150,22 +152,24 @@ torch.set_num_threads(1)
 import cdlm_toy
 from cdlm.config import RunConfig
 from cdlm.training.loop import train
+from toy_plugin.register import random_rows
 raw = {config!r}
 cfg = RunConfig(**{{**raw, "model": cdlm_toy.ToyConfig(**raw["model"])}})
 torch.manual_seed(0)
 method = cdlm_toy.build(cfg)
-train(cfg, method, {run_dir!r}, cdlm_toy.random_rows(), on_log=lambda r: time.sleep(1.0) if r["step"] > 2 else None)
+train(cfg, method, {run_dir!r}, random_rows(), on_log=lambda r: time.sleep(1.0) if r["step"] > 2 else None)
 """
 
 
 @pytest.mark.slow
 def test_kill_and_resume_is_bit_exact(toy: MethodSpec, tmp_path: Path) -> None:
-    rows = sys.modules["cdlm_toy"].random_rows()
+    rows = random_rows()
     cfg = make_config(toy, save_every=2)
     train(cfg, build(toy, cfg), tmp_path / "straight", rows)
     run_dir = tmp_path / "killed"
     code = CHILD.format(config=cfg.model_dump(mode="json"), run_dir=str(run_dir))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TOY_ROOT), os.environ.get("PYTHONPATH", "")])}
+    paths = [str(TOY_ROOT), str(TESTS_ROOT), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     with open(tmp_path / "child.log", "w") as log:
         child = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120

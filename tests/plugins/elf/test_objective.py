@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 from cdlm.config import TrainConfig
-from cdlm.flow import RectifiedFlow
 from cdlm.interfaces import TokenBatch
 from cdlm.training.ema import EMA
 from cdlm.training.optim import build_lr_schedule, build_optimizer
@@ -17,6 +16,7 @@ from cdlm_elf.config import ElfConfig, EncoderConfig
 from cdlm_elf.embedder import T5Embedder, encoder_mask
 from cdlm_elf.model import ElfTransformer
 from cdlm_elf.objective import ElfDraws, ElfObjective
+from cdlm_elf.schedule import ElfSchedule
 from cdlm_elf.state_dict import ElfStateDictAdapter
 from conftest import shared_path
 from elf_fixture import objective_config
@@ -35,15 +35,20 @@ class _Case:
         self.adapter = ElfStateDictAdapter(self.cfg)
         self.model = nn.ModuleDict({"network": ElfTransformer(self.cfg)})  # keys `network.…`, as the Method
         self.model.load_state_dict(self.adapter.from_official(load_file(fixtures / "model.safetensors")))
-        flow = RectifiedFlow(noise_scale=self.cfg.noise_scale, t_eps=self.cfg.t_eps)
         embedder = T5Embedder(self.cfg)
-        self.objective = ElfObjective(self.cfg, embedder, self.model["network"], flow, pad_token=train["pad_token"])
+        schedule = ElfSchedule(self.cfg)
+        self.objective = ElfObjective(self.cfg, embedder, self.model["network"], schedule, pad_token=train["pad_token"])
         d = self.data
         self.batch = TokenBatch(
             ids=d["batch/input_ids"], mask=d["batch/attention_mask"].bool(), cond_mask=d["batch/cond_seq_mask"].bool()
         )
         raw = [d[f"randoms/{entry.split(':')[0]}"] for entry in self.meta["random_draw_order"]]
-        self.draws = ElfDraws(*raw) if len(raw) == 8 else ElfDraws(None, *raw)
+        label_drop, t, eps, dec, lam, eps_dec, use_sc, w = raw if len(raw) == 8 else [None, *raw]
+        if self.cfg.time_schedule == "logit_normal":  # the recorded N(0, 1) draw, mapped as ElfSchedule.sample_t does
+            t = torch.sigmoid(t * self.cfg.p_std + self.cfg.p_mean)
+        self.draws = ElfDraws(
+            t=t, eps=eps, label_drop=label_drop, dec=dec, lam=lam, eps_dec=eps_dec, use_sc=use_sc, sc_scale=w
+        )
 
     def official_grads(self) -> dict[str, torch.Tensor]:
         return self.adapter.to_official({n: p.grad for n, p in self.model.named_parameters()})
@@ -113,7 +118,7 @@ def _tiny_objective(label_drop_prob: float) -> tuple[ElfObjective, TokenBatch]:
         encoder=enc, label_drop_prob=label_drop_prob, decoder_prob=0.5,
     )  # fmt: skip
     network = ElfTransformer(cfg, generator=torch.Generator().manual_seed(0))
-    objective = ElfObjective(cfg, T5Embedder(cfg), network, RectifiedFlow(cfg.noise_scale, cfg.t_eps))
+    objective = ElfObjective(cfg, T5Embedder(cfg), network, ElfSchedule(cfg))
     ids = torch.randint(2, 32, (3, 8), generator=torch.Generator().manual_seed(1))
     mask = torch.arange(8)[None, :] < torch.tensor([[8], [6], [8]])
     cond_mask = torch.arange(8)[None, :] < torch.tensor([[3], [2], [4]])
@@ -125,9 +130,10 @@ def test_draw_order_and_call_equals_replay() -> None:
     draws = objective.draw(batch, torch.Generator().manual_seed(5))
     assert draws.label_drop is not None and draws.label_drop.shape == (3,)
     assert draws.eps.shape == draws.eps_dec.shape == (3, 8, 16) and draws.lam.shape == (24,)
-    # the same generator state replayed: identical draws in the spec order, then identical loss
+    # the same generator state replayed: identical draws in the spec order (t logit-normal), then identical loss
     gen = torch.Generator().manual_seed(5)
-    expected = [torch.rand(3, generator=gen), torch.randn(3, generator=gen), torch.randn(3, 8, 16, generator=gen)]
+    label_drop, t = torch.rand(3, generator=gen), torch.sigmoid(torch.randn(3, generator=gen) * 0.8 - 1.5)
+    expected = [label_drop, t, torch.randn(3, 8, 16, generator=gen)]
     expected.append(torch.bernoulli(torch.full((3,), 0.5), generator=gen))
     for got, want in zip((draws.label_drop, draws.t, draws.eps, draws.dec), expected, strict=True):
         assert torch.equal(got, want)

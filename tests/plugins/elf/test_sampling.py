@@ -9,23 +9,15 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from cdlm.config import SampleConfig
 from cdlm.interfaces import GenerateRequest
+from cdlm.pipeline import rollout, time_grid
 from cdlm.sampling import grids
 from cdlm.sampling.types import StepInfo
 from cdlm_elf.conditioning import ElfCond
-from cdlm_elf.config import ElfConfig, EncoderConfig
+from cdlm_elf.config import ElfConfig, ElfSampleConfig, EncoderConfig
 from cdlm_elf.embedder import T5Embedder
 from cdlm_elf.model import ElfDecoder, ElfDenoiser, ElfTransformer
-from cdlm_elf.pipeline import (
-    ElfPipeline,
-    decode,
-    elf_denoise_fn,
-    guided,
-    postprocess,
-    rollout,
-    time_grid,
-)
+from cdlm_elf.pipeline import ElfPipeline, decode, elf_denoise_fn, guided, postprocess
 from cdlm_elf.schedule import ElfSchedule
 from cdlm_elf.state_dict import ElfStateDictAdapter
 from conftest import shared_path
@@ -54,7 +46,7 @@ def max_err(a: Tensor, b: Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-def replay(parts, case: dict[str, Tensor], cond: ElfCond, settings: SampleConfig, seed: int):
+def replay(parts, case: dict[str, Tensor], cond: ElfCond, settings: ElfSampleConfig, seed: int):
     """Check the recorded draws against our generator order, then roll out and decode."""
     cfg, denoiser, decoder, schedule = parts
     # the reference draws the grid from the global RNG seeded with `seed`: the same stream as a fresh generator.
@@ -68,10 +60,10 @@ def replay(parts, case: dict[str, Tensor], cond: ElfCond, settings: SampleConfig
         guided(elf_denoise_fn(denoiser, schedule), cond, settings.cfg),
         case["z_init"],
         case["t_steps"],
-        cond,
         settings,
         noise_scale=cfg.noise_scale,
         generator=generator,
+        constrain=cond.restore,
         on_step=steps.append,
     )
     trajectory = torch.stack([s.z for s in steps])
@@ -81,7 +73,7 @@ def replay(parts, case: dict[str, Tensor], cond: ElfCond, settings: SampleConfig
 
 def test_sde_rollout_matches_reference(parts) -> None:
     case, meta = load_case("sample_sde")
-    settings = SampleConfig(sampler="sde", steps=16, churn=1.5, self_cond_scale=3.0, cfg=1.0)
+    settings = ElfSampleConfig(sampler="sde", steps=16, churn=1.5, self_cond_scale=3.0, cfg=1.0)
     noise = torch.Generator().manual_seed(3)
     torch.randn(case["z_init"].shape, generator=noise)  # z₀
     for i in range(2, 17):  # then one ε per SDE step, in order
@@ -100,7 +92,7 @@ def test_sde_rollout_matches_reference(parts) -> None:
 
 def test_ode_cfg_conditional_rollout_matches_reference(parts) -> None:
     case, _ = load_case("sample_ode_cond")
-    settings = SampleConfig(sampler="euler", steps=16, cfg=2.0, self_cond_scale=2.0)
+    settings = ElfSampleConfig(sampler="euler", steps=16, cfg=2.0, self_cond_scale=2.0)
     mask = case["cond_seq_mask"].bool()
     cond = ElfCond(torch.full((3,), 2.0), case["cond_seq"], mask)
     out, trajectory, ids = replay(parts, case, cond, settings, seed=4)
@@ -124,14 +116,14 @@ def test_pipeline_encodes_sources_as_the_reference_condition(parts) -> None:
     pipeline = ElfPipeline(cfg, denoiser, decoder, schedule, T5Embedder(cfg))
     mask = case["cond_seq_mask"].bool()
     sources = [row[m].tolist() for row, m in zip(case["cond_input_ids"], mask, strict=True)]
-    cond = pipeline.condition(3, sources, 2.0)
+    cond = pipeline.condition(3, sources, ElfSampleConfig(self_cond_scale=2.0))
     assert torch.equal(cond.mask, mask)
     err = max_err(cond.values[mask], case["cond_seq"][mask])
     print("condition latents max |Δ|", err)
     assert err < ATOL
     torch.testing.assert_close(cond.sc_scale, torch.full((3,), 2.0))
 
-    settings = SampleConfig(num_samples=3, batch_size=2, sampler="euler", steps=4, cfg=2.0, self_cond_scale=2.0)
+    settings = ElfSampleConfig(num_samples=3, batch_size=2, sampler="euler", steps=4, cfg=2.0, self_cond_scale=2.0)
     output = pipeline(GenerateRequest(3, sources, settings), torch.Generator().manual_seed(0))
     assert output.nfe == 2 * (4 + 1)
     assert [len(row) for row in output.ids] == [32 - len(s) for s in sources]
@@ -140,7 +132,7 @@ def test_pipeline_encodes_sources_as_the_reference_condition(parts) -> None:
 def test_pipeline_draws_grid_then_z0_then_noise(parts) -> None:
     cfg, denoiser, decoder, schedule = parts
     pipeline = ElfPipeline(cfg, denoiser, decoder, schedule, embedder=None)  # unconditional: no sources to encode
-    settings = SampleConfig(num_samples=3, batch_size=2, sampler="sde", steps=5, churn=1.5, self_cond_scale=3.0)
+    settings = ElfSampleConfig(num_samples=3, batch_size=2, sampler="sde", steps=5, churn=1.5, self_cond_scale=3.0)
     output = pipeline(GenerateRequest(3, None, settings), torch.Generator().manual_seed(11))
 
     generator = torch.Generator().manual_seed(11)
@@ -153,10 +145,10 @@ def test_pipeline_draws_grid_then_z0_then_noise(parts) -> None:
             guided(elf_denoise_fn(denoiser, schedule), cond, 1.0),
             z0,
             grid,
-            cond,
             settings,
             noise_scale=cfg.noise_scale,
             generator=generator,
+            constrain=cond.restore,
         )
         expected += postprocess(decode(decoder, out.z, cond, settings, generator), None, eos_id=1, pad_id=0)
     assert output.ids == expected and output.nfe == 2 * (5 + 1)
@@ -174,7 +166,7 @@ def test_pipeline_rejects_bad_prompts(parts, prompts: list[list[int]], message: 
     cfg, denoiser, decoder, schedule = parts
     pipeline = ElfPipeline(cfg, denoiser, decoder, schedule, embedder=None)
     with pytest.raises(ValueError, match=message):
-        pipeline(GenerateRequest(2, prompts, SampleConfig(num_samples=2)), torch.Generator())
+        pipeline(GenerateRequest(2, prompts, ElfSampleConfig(num_samples=2)), torch.Generator())
 
 
 @pytest.mark.parametrize("time_schedule", ["logit_normal", "uniform"])
@@ -206,7 +198,7 @@ def test_schedule_sample_t_and_predict(time_schedule: str) -> None:
     ],
 )
 def test_time_grid_follows_the_settings(grid: dict, expected) -> None:
-    settings = SampleConfig(steps=8, **grid)
+    settings = ElfSampleConfig(steps=8, **grid)
     generator = torch.Generator().manual_seed(0)
     assert torch.equal(time_grid(settings, generator), expected(settings))
     assert torch.equal(generator.get_state(), torch.Generator().manual_seed(0).get_state())  # deterministic: no draw
