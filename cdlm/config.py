@@ -1,14 +1,24 @@
 """Typed run configuration: one validated pydantic model per run, built from a YAML recipe plus overrides.
 
-A recipe has the sections ``data``, ``train``, ``sample`` (validated here) and ``model`` (validated by the
-plugin's ``MethodSpec.config_cls``). Unknown fields fail everywhere.
+A recipe has the sections ``data`` and ``train`` (validated here), ``model`` (validated by the plugin's
+``MethodSpec.config_cls``) and ``sample`` (the plugin's ``MethodSpec.sample_config_cls``, a subclass of
+:class:`SampleConfig`). Unknown fields fail everywhere.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    SerializeAsAny,
+)
 
 
 class Section(BaseModel):
@@ -100,34 +110,21 @@ class TrainConfig(Section):
 
 
 class SampleConfig(Section):
-    """Sampling settings shared by every method (a method ignores what it has no use for, e.g. ELF's prompts)."""
+    """Sampling settings every method uses; a plugin subclasses it with its own (``MethodSpec.sample_config_cls``).
 
-    num_samples: PositiveInt = 4
-    batch_size: PositiveInt = 16
-    steps: PositiveInt = 32
-    sampler: Literal["euler", "heun", "midpoint", "dpm2m", "sde"] = Field(
-        "sde",
-        description="euler; heun / midpoint (2 evaluations per step); dpm2m (second-order multistep for "
-        "x-prediction, 1 evaluation per step); sde (ELF's back-off sampler)",
-    )
-    grid: Literal["uniform", "logit_normal", "logit_normal_quantiles", "shifted"] = Field(
-        "logit_normal",
-        description="uniform; logit_normal (inner times drawn per batch, ELF spec §4.1); logit_normal_quantiles "
-        "(the same density, deterministic); shifted (uniform warped toward noise by grid_shift)",
-    )
-    grid_mean: float = Field(-1.5, description="logit-normal grid location (ELF spec §4.1)")
-    grid_std: PositiveFloat = 0.8
-    grid_shift: PositiveFloat = Field(1.0, description="shifted grid: > 1 spends more steps near the noise end")
-    churn: NonNegativeFloat = Field(1.5, description="SDE γ: back-off per unit time (ELF spec §4.3)")
-    cfg: float = Field(1.0, description="classifier-free guidance scale; 1 disables it")
-    self_cond_scale: float = Field(3.0, description="self-conditioning guidance scale w (ELF SC-CFG)")
-    temperature: NonNegativeFloat = Field(0.0, description="0 means argmax")
-    top_k: NonNegativeInt = 0
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    repetition_penalty: PositiveFloat = 1.0
-    max_new_tokens: PositiveInt = 32
-    use_ema: bool = True
-    seed: int = 0
+    A method's subclass adds the settings only it reads (ELF's SDE churn, Cola's guidance and token budget) and
+    may change the defaults here to its reference's; a recipe's ``sample:`` section is validated with it, so a
+    setting the method does not use is an unknown field.
+    """
+
+    num_samples: PositiveInt = Field(4, description="samples without prompts (with prompts: one per prompt)")
+    batch_size: PositiveInt = Field(16, description="samples generated together")
+    steps: PositiveInt = Field(32, description="solver steps")
+    temperature: NonNegativeFloat = Field(0.0, description="token selection temperature; 0 means argmax")
+    top_k: NonNegativeInt = Field(0, description="keep the k most likely tokens; 0 keeps all")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus filtering; 1 keeps all")
+    use_ema: bool = Field(True, description="sample with the EMA weights (false: the raw ones)")
+    seed: int = Field(0, description="seed of the sampling generator")
     num_threads: NonNegativeInt = Field(
         1, description="torch CPU threads while sampling; 0 keeps torch's default of one per core"
     )
@@ -155,5 +152,7 @@ class RunConfig(Section):
     model: Any = Field(description="validated by the method's MethodSpec.config_cls")
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    sample: SampleConfig = Field(default_factory=SampleConfig)
+    sample: SerializeAsAny[SampleConfig] = Field(
+        default_factory=SampleConfig, description="validated by the method's MethodSpec.sample_config_cls"
+    )
     stages: list[Stage] = Field(default_factory=list)

@@ -119,7 +119,7 @@ def model_card(config: RunConfig, step: int | None, weights_kind: str, metrics: 
         f"- training steps: {step if step is not None else 'unknown'}",
         f"- weights: {weights_kind}",
         f"- training data: `{config.data.source}`, tokenizer `{config.data.tokenizer}`, {config.data.seq_len} tokens",
-        f"- sampling: {config.sample.sampler}, {config.sample.steps} steps, guidance {config.sample.cfg}",
+        "- sampling: " + ", ".join(f"{k} {v}" for k, v in config.sample.model_dump(mode="json").items()),
     ]
     if metrics:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))

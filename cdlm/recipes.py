@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from cdlm.config import RunConfig
 from cdlm.errors import PluginError, RecipeError
+from cdlm.interfaces import MethodSpec
 from cdlm.registry import get_method
 
 
@@ -166,12 +167,13 @@ def _field_names(model: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
     return list(getattr(cls, "model_fields", {}))
 
 
-def _describe(err: Mapping[str, Any], model: type[BaseModel], prefix: tuple[str, ...]) -> str:
+def _describe(err: Mapping[str, Any], model: type[BaseModel], prefix: tuple[str, ...], owner: str = "") -> str:
+    """Render one pydantic error as ``field: problem``; ``owner`` follows "unknown field" (whose fields they are)."""
     loc = tuple(str(p) for p in err["loc"])
     dotted = ".".join(prefix + loc)
     if err["type"] == "extra_forbidden":
         hint = difflib.get_close_matches(loc[-1], _field_names(model, loc), n=1)
-        return f"{dotted}: unknown field" + (f"; did you mean {hint[0]!r}?" if hint else "")
+        return f"{dotted}: unknown field{owner}" + (f"; did you mean {hint[0]!r}?" if hint else "")
     found = err.get("input")
     found_text = "" if err["type"] == "missing" else f", got {found!r}"
     return f"{dotted}: {err['msg'].lower()}{found_text}"
@@ -186,18 +188,26 @@ def _source_of(dotted: str, overrides: Sequence[str], path: Path | None) -> str:
 
 
 def validate(raw: Mapping[str, Any], *, path: Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Validate a raw recipe mapping: the core sections, then the method's ``model:`` section.
+    """Validate a raw recipe mapping: core sections, the method's ``model:`` and ``sample:``, cross-section rules.
+
+    The method's ``MethodSpec.config_cls`` validates ``model:``, its ``sample_config_cls`` validates ``sample:``
+    (a setting the method does not use is an unknown field, named with the method), and ``MethodSpec.check``
+    the rules between sections.
 
     Raises:
         RecipeError: one line per problem, each naming its source (file or override), field and expectation.
     """
     problems: list[tuple[str, str]] = []
-    try:
-        config = RunConfig.model_validate(dict(raw))
-    except ValidationError as err:
+
+    def report(err: ValidationError, model: type[BaseModel], prefix: tuple[str, ...], owner: str = "") -> None:
         for e in err.errors():
-            line = _describe(e, RunConfig, ())
+            line = _describe(e, model, prefix, owner)
             problems.append((_source_of(line.split(":")[0], overrides, path), line))
+
+    try:  # the sample section is the method's: validated below with its class
+        config: RunConfig | None = RunConfig.model_validate({k: v for k, v in raw.items() if k != "sample"})
+    except ValidationError as err:
+        report(err, RunConfig, ())
         config = None
     method_name = raw.get("method")
     spec = None
@@ -207,19 +217,20 @@ def validate(raw: Mapping[str, Any], *, path: Path | None = None, overrides: Seq
         except PluginError as err:
             problems.append((_source_of("method", overrides, path), f"method: {err}"))
     if spec is not None:
-        try:
-            model_cfg = spec.config_cls.model_validate(raw.get("model") or {})
-        except ValidationError as err:
-            for e in err.errors():
-                line = _describe(e, spec.config_cls, ("model",))
-                problems.append((_source_of(line.split(":")[0], overrides, path), line))
-        else:
-            if config is not None:
-                config = config.model_copy(update={"model": model_cfg})
-                for fields, problem in spec.check(config) if spec.check is not None else ():
-                    sources = [_source_of(f, overrides, path) for f in fields]
-                    source = next((s for s in sources if s.startswith("--set")), sources[0])
-                    problems.append((source, f"{fields[0]}: {problem}"))
+        sections = {}
+        settings = ", ".join(spec.sample_config_cls.model_fields)
+        owners = {"model": "", "sample": f" for method {spec.name!r} (its sample settings: {settings})"}
+        for name, cls in (("model", spec.config_cls), ("sample", spec.sample_config_cls)):
+            try:
+                sections[name] = cls.model_validate(raw.get(name) or {})
+            except ValidationError as err:
+                report(err, cls, (name,), owners[name])
+        if config is not None and len(sections) == 2:
+            config = config.model_copy(update=sections)
+            for fields, problem in cross_section_problems(spec, config):
+                sources = [_source_of(f, overrides, path) for f in fields]
+                source = next((s for s in sources if s.startswith("--set")), sources[0])
+                problems.append((source, f"{fields[0]}: {problem}"))
     if problems or config is None:
         raise RecipeError("\n".join(f"{source}: {line}" for source, line in problems))
     stage_errors = []
@@ -233,6 +244,11 @@ def validate(raw: Mapping[str, Any], *, path: Path | None = None, overrides: Seq
     if stage_errors:
         raise RecipeError("\n".join(stage_errors))
     return config
+
+
+def cross_section_problems(spec: MethodSpec, config: RunConfig) -> list[tuple[tuple[str, ...], str]]:
+    """Return the method's cross-section problems of ``config`` as (dotted fields involved, problem) pairs."""
+    return list(spec.check(config)) if spec.check is not None else []
 
 
 def raw_config(config: RunConfig) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from cdlm import export
-from cdlm.config import RunConfig
+from cdlm.config import RunConfig, SampleConfig
 from cdlm.data.pack import prepare
 from cdlm.errors import DataError, RecipeError
 from cdlm.export import write_checkpoint_dir
@@ -26,6 +26,7 @@ from cdlm.training import loop
 from cdlm.training.checkpoint import CONFIG_FILE
 from cdlm.validation import (
     check_device,
+    check_method_config,
     check_output_dir,
     check_prompts,
     check_resume,
@@ -37,8 +38,16 @@ StatusCallback = Callable[[str], None]
 
 
 def build(config: RunConfig) -> Method:
-    """Build the method named by ``config.method`` through its registered plugin (works on the meta device)."""
-    return get_method(config.method).build(config)
+    """Build the method named by ``config.method`` through its registered plugin (works on the meta device).
+
+    Raises:
+        RecipeError: ``config`` is not a RunConfig, its sections are not the method's, or it breaks one of the
+            method's cross-section rules (:func:`cdlm.validation.check_method_config`).
+    """
+    config = check_run_config(config)
+    spec = get_method(config.method)
+    check_method_config(config, spec)
+    return spec.build(config)
 
 
 def _check_vocab(tokenizer: PreTrainedTokenizerBase, method: Method, where: str) -> None:
@@ -282,7 +291,7 @@ def convert(
     )
 
 
-def _sample_settings(config: RunConfig, overrides: Sequence[str]) -> Any:
+def _sample_settings(config: RunConfig, overrides: Sequence[str]) -> SampleConfig:
     """Return the ``sample:`` section of ``config`` with ``overrides`` (all ``sample.*``: the model is built)."""
     others = [item for item in overrides if not item.strip().startswith("sample.")]
     if others:

@@ -16,7 +16,8 @@ import yaml
 
 from cdlm.config import RunConfig
 from cdlm.errors import DataError, DeviceError, OutputError, RecipeError
-from cdlm.recipes import raw_config
+from cdlm.interfaces import MethodSpec
+from cdlm.recipes import cross_section_problems, raw_config
 from cdlm.training.checkpoint import CONFIG_FILE, latest_checkpoint
 
 RESUME_SECTIONS = ("method", "model", "data")
@@ -37,6 +38,31 @@ def check_run_config(config: object) -> RunConfig:
             "overrides) (or cdlm.recipes.validate(mapping) for a dict)"
         )
     return config
+
+
+def check_method_config(config: RunConfig, spec: MethodSpec) -> None:
+    """Check, before ``spec`` builds ``config``, that its sections are the method's and its cross-section rules hold.
+
+    :func:`cdlm.load_recipe` checks the same; this also covers a config made or changed in Python
+    (``RunConfig(...)``, ``model_copy(update=...)``), which skips recipe validation.
+
+    Raises:
+        RecipeError: a ``model:`` or ``sample:`` section of another class than the method's, or a broken
+            cross-section rule (e.g. ELF's ``data.seq_len`` against ``model.max_length``); one line each.
+    """
+    problems = [
+        f"{name}: method {spec.name!r} takes {cls.__module__}.{cls.__name__}, got {type(section).__name__}; build "
+        "the section as one, or the whole config with cdlm.load_recipe / cdlm.recipes.validate"
+        for name, cls, section in (
+            ("model", spec.config_cls, config.model),
+            ("sample", spec.sample_config_cls, config.sample),
+        )
+        if not isinstance(section, cls)
+    ]
+    if not problems:
+        problems = [f"{fields[0]}: {problem}" for fields, problem in cross_section_problems(spec, config)]
+    if problems:
+        raise RecipeError("\n".join(problems))
 
 
 def check_output_dir(run_dir: Path) -> None:

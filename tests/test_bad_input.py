@@ -98,6 +98,8 @@ TRAIN_CASES: list[tuple[str, list[str], list[str]]] = [
         ["data.text_field 'body'", "no such column"],
     ),  # fmt: skip
     ("batch-too-large", ["-o", "{tmp}/r", "--set", "train.batch_size=4096"], ["train.batch_size=4096"]),
+    ("bpe-above-model-vocab", ["-o", "{tmp}/r", "--set", "data.vocab_size=1024"], ["data.vocab_size: 1024"]),
+    ("other-methods-setting", ["-o", "{tmp}/r", "--set", "sample.max_new_tokens=8"], ["method 'elf'"]),
 ]
 
 
@@ -175,6 +177,14 @@ SAMPLE_CASES: list[tuple[str, list[str], list[str]]] = [
     ("output-into-proc", ["-c", "{run}", "-o", "/proc/cdlm-out.jsonl"], ["--output /proc/cdlm-out.jsonl"]),
     ("output-is-a-directory", ["-c", "{run}", "-o", "{tmp}"], ["--output", "is a directory"]),
     ("non-sample-flag-type", ["-c", "{run}", "--num-samples", "many"], ["--num-samples"]),
+    ("flag-elf-does-not-use", ["-c", "{run}", "--max-new-tokens", "8"], ["--max-new-tokens 8", "method 'elf'"]),
+    (
+        "flags-elf-does-not-use",
+        ["-c", "{run}", "--repetition-penalty", "1.1", "--max-new-tokens", "8"],
+        ["--max-new-tokens 8, --repetition-penalty 1.1", "method 'elf'", "it takes are --num-samples, --steps"],
+    ),  # fmt: skip
+    ("set-elf-does-not-use", ["-c", "{run}", "--set", "sample.top_k=2", "--set", "sample.guidance=2"], ["guidance"]),
+    ("recipe-flag-unused", ["-r", "elf-tiny", "--max-new-tokens", "8"], ["--max-new-tokens 8", "method 'elf'"]),
 ]
 
 
@@ -240,6 +250,8 @@ OTHER_CASES: list[tuple[str, list[str], list[str]]] = [
     ("recipe-file-not-a-mapping", ["recipes", "show", "{tmp}/list.yaml"], ["list.yaml", "mapping"]),
     ("recipe-extends-cycle", ["recipes", "show", "{tmp}/cycle.yaml"], ["cycle.yaml", "cycle"]),
     ("recipe-unknown-method", ["recipes", "show", "{tmp}/method.yaml"], ["method.yaml", "not installed"]),
+    ("recipes-show-other-method", ["recipes", "show", "cola-tiny", "--set", "sample.churn=1"], ["method 'cola'"]),
+    ("recipe-file-other-method", ["recipes", "show", "{tmp}/churn.yaml"], ["churn.yaml", "sample.churn", "'cola'"]),
 ]
 
 
@@ -252,6 +264,7 @@ def test_convert_and_recipes_bad_input(
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     (tmp_path / "cycle.yaml").write_text("extends: cycle.yaml\n")
     (tmp_path / "method.yaml").write_text("method: nosuch\nmodel: {}\n")
+    (tmp_path / "churn.yaml").write_text("extends: cola-tiny\nsample: {churn: 1.5}\n")
     before = snapshot(run)
     code, err = cli(capsys, *(a.format(run=run, tmp=tmp_path) for a in args))
     assert_one_clean_error(code, err, *(n.format(run=run, tmp=tmp_path) for n in named))
@@ -287,6 +300,14 @@ def api_cases(run: Path, loaded: cdlm.Pretrained, tmp: Path) -> dict[str, tuple[
         "convert-unknown-target": (lambda: cdlm.convert(run, tmp / "out", to="onnx"), ["onnx"]),
         "load-nowhere": (lambda: cdlm.load_pretrained(tmp / "nowhere"), ["nowhere"]),
         "stage-on-single-stage": (lambda: cdlm.train(config, run, stage="vae"), ["--stage vae"]),
+        "sample-elf-does-not-use": (
+            lambda: cdlm.sample(loaded, overrides=["sample.max_new_tokens=8"]),
+            ["--set sample.max_new_tokens=8", "unknown field for method 'elf'"],
+        ),
+        "build-bypassing-validation": (
+            lambda: cdlm.build(config.model_copy(update={"data": config.data.model_copy(update={"seq_len": 32})})),
+            ["data.seq_len: 32", "model.max_length 64"],
+        ),
     }
     if not torch.cuda.is_available():
         cases["device-cuda-without-cuda"] = (lambda: cdlm.load_pretrained(run, device="cuda"), ["device='cuda'"])
@@ -299,6 +320,7 @@ API_NAMES = [
     "prompts-number-entry", "prompts-empty-list", "prompts-not-a-list", "sample-ids-count",
     "loaded-non-sample-override", "sample-nan-scale", "sample-cfg-unconditional", "sample-prompt-unconditional",
     "convert-unknown-target", "load-nowhere", "stage-on-single-stage", "device-cuda-without-cuda",
+    "sample-elf-does-not-use", "build-bypassing-validation",
 ]  # fmt: skip
 
 
@@ -319,11 +341,13 @@ def test_api_bad_input(run: Path, loaded: cdlm.Pretrained, tmp_path: Path, name:
 
 
 def test_cola_max_new_tokens_is_bounded_before_any_work() -> None:
-    method = cdlm.build(cdlm.load_recipe("cola-tiny", ["sample.max_new_tokens=100000"]))
-    settings = cdlm.load_recipe("cola-tiny", ["sample.max_new_tokens=100000"]).sample
+    with pytest.raises(CdlmError, match=r"sample.max_new_tokens: 100000 new tokens exceed model.max_length 4096"):
+        cdlm.load_recipe("cola-tiny", ["sample.max_new_tokens=100000"])  # alone above the limit: the recipe's error
+    config = cdlm.load_recipe("cola-tiny", ["sample.max_new_tokens=4095"])  # with a prompt: the pipeline's
+    method = cdlm.build(config)
     start = time.monotonic()
-    with pytest.raises(CdlmError, match=r"sample.max_new_tokens=100000 \(--max-new-tokens\).*model.max_length=4096"):
-        method.pipeline(GenerateRequest(1, [[5, 6]], settings), torch.Generator())
+    with pytest.raises(CdlmError, match=r"sample.max_new_tokens=4095 \(--max-new-tokens\).*model.max_length=4096"):
+        method.pipeline(GenerateRequest(1, [[5, 6]], config.sample), torch.Generator())
     assert time.monotonic() - start < 5
 
 

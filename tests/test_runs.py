@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 import cdlm
-from cdlm.errors import CheckpointError, DataError
+from cdlm.data.pack import prepare
+from cdlm.errors import CheckpointError, DataError, RecipeError
 
 QUICK = ["train.steps=2", "train.batch_size=4", "train.save_every=2", "data.max_rows=40", "model.depth=1"]
 
@@ -61,9 +62,14 @@ def test_sampling_errors(tmp_path: Path) -> None:
 
 
 def test_tokenizer_larger_than_the_model_vocabulary(tmp_path: Path) -> None:
-    config = cdlm.load_recipe("elf-tiny", [*QUICK, "data.vocab_size=600"])
+    with pytest.raises(RecipeError, match="data.vocab_size: 600 tokens for a trained BPE exceed model.vocab_size 512"):
+        cdlm.load_recipe("elf-tiny", [*QUICK, "data.vocab_size=600"])  # a BPE's size is known from the recipe
+    wide = ["data.vocab_size=600", "model.vocab_size=600", "model.encoder.vocab_size=600"]
+    bpe = prepare(cdlm.load_recipe("elf-tiny", [*QUICK, *wide]).data, tmp_path).tokenizer  # 600 tokens
+    bpe.save_pretrained(tmp_path / "tokenizer")
+    config = cdlm.load_recipe("elf-tiny", [*QUICK, f"data.tokenizer={tmp_path / 'tokenizer'}"])
     with pytest.raises(DataError, match="the tokenizer has 600 tokens but the model reads 512 ids"):
-        cdlm.train(config, tmp_path / "run")
+        cdlm.train(config, tmp_path / "run")  # a pretrained tokenizer's size is known once it is read
 
 
 def test_resume_may_change_how_rows_are_made_but_not_which(tmp_path: Path) -> None:

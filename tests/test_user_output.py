@@ -9,8 +9,8 @@ import torch
 
 import cdlm
 from cdlm.cli import progress
-from cdlm.config import SampleConfig
 from cdlm.interfaces import GenerateOutput, GenerateRequest
+from cdlm_cola.config import ColaSampleConfig
 
 TINY = ["train.steps=1", "train.batch_size=4", "data.max_rows=40", "model.depth=1"]
 
@@ -31,7 +31,7 @@ def test_cola_text_ends_at_the_end_of_text_token(monkeypatch: pytest.MonkeyPatch
     method = cdlm.build(cdlm.load_recipe("cola-tiny"))  # eos_id 1
     rows = [[5, 6, 1, 7, 8], [5, 6, 7, 8, 9]]
     monkeypatch.setattr(method.pipeline, "_generate", lambda prompts, *args: (rows[: len(prompts)], 0))
-    settings = SampleConfig(grid="uniform", batch_size=2)
+    settings = ColaSampleConfig(batch_size=2)
     out = method.pipeline(GenerateRequest(2, [[5], [6]], settings), torch.Generator())
     assert out.ids == rows and out.text_ends == [2, 5]
 

@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 
+from cdlm.cli import flags as sample_flags
 from cdlm.cli import progress
-from cdlm.errors import DataError
+from cdlm.errors import CdlmError, DataError
 
 
 def _steps(value: str | None) -> tuple[int, ...]:
@@ -56,7 +57,8 @@ def eval_(
     if judge_dtype not in ("bf16", "fp32"):
         raise DataError(f"--judge-dtype {judge_dtype}: expected bf16 or fp32")
     sugar = {"num_samples": num_samples, "sampler": "euler" if sampler == "ode" else sampler, "cfg": cfg, "seed": seed}
-    overrides = [*(set_ or []), *(f"sample.{k}={v}" for k, v in sugar.items() if v is not None)]
+    flags = sample_flags.overrides(sugar, typed={"sampler": str(sampler)})
+    overrides = [*(set_ or []), *flags]
     opts = runner.EvalOptions(
         output_dir=output_dir,
         checkpoint=checkpoint,
@@ -74,9 +76,17 @@ def eval_(
         overrides=tuple(overrides),
         command=tuple(sys.argv),
     )
-    with progress.sampling() as on_step:
-        hooks = runner.Hooks(on_step=on_step, on_message=lambda m: progress.stderr.print(m))
-        summary = runner.evaluate(opts, hooks)
+    offered = (*sugar, "steps")
+    try:
+        with progress.sampling() as on_step:
+            hooks = runner.Hooks(
+                on_step=on_step,
+                on_message=lambda m: progress.stderr.print(m),
+                on_loaded=lambda config: sample_flags.check_used(config, flags, offered),
+            )
+            summary = runner.evaluate(opts, hooks)
+    except CdlmError as err:
+        raise type(err)(sample_flags.in_flag_terms(str(err), flags)) from None
     for entry in summary["results"]:
         typer.echo(
             " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry["metrics"].items())

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 import cdlm
+from cdlm.cli import flags as sample_flags
 from cdlm.cli import progress
 from cdlm.errors import CdlmError, DataError, OutputError
 from cdlm.jsonl import read_records
@@ -104,9 +105,7 @@ def sample(
         "repetition_penalty": repetition_penalty,
         "use_ema": ema,
     }
-    given = {key: value for key, value in sugar.items() if value is not None}
-    flags = {f"sample.{key}={value}": f"{_FLAGS[key]} {_shown(key, value, sampler)}" for key, value in given.items()}
-    overrides = [*(set_ or []), *flags]
+    flags = sample_flags.overrides(sugar, typed={"sampler": str(sampler), "use_ema": ""})
     if (checkpoint is None) == (recipe is None):
         raise DataError(
             "give exactly one of --checkpoint PATH_OR_HUB_ID (a trained model) or --recipe NAME (released weights)"
@@ -115,18 +114,19 @@ def sample(
     if output is not None:
         check_output_file(output)
     try:
-        source = checkpoint if recipe is None else cdlm.load_recipe(recipe, overrides)
         with progress.sampling() as on_step:
+            loaded = _load(checkpoint, recipe, set_ or [], flags, tuple(sugar))
+            settings = [o for o in flags if not o.startswith("sample.use_ema=")]  # use_ema chose the weights
             samples = cdlm.sample(
-                source,
+                loaded,
                 prompts=prompts,
                 sample_ids=sample_ids,
-                overrides=overrides,
+                overrides=settings,
                 on_step=on_step,
                 keep_special_tokens=keep_special_tokens,
             )
     except CdlmError as err:
-        raise type(err)(_in_flag_terms(str(err), flags)) from None
+        raise type(err)(sample_flags.in_flag_terms(str(err), flags)) from None
     if output is None:
         typer.echo("\n\n".join(s.text for s in samples))
         return
@@ -139,30 +139,19 @@ def sample(
     progress.say(f"wrote {len(samples)} samples to {output}")
 
 
-_FLAGS = {
-    "num_samples": "--num-samples",
-    "steps": "--steps",
-    "sampler": "--sampler",
-    "cfg": "--cfg",
-    "seed": "--seed",
-    "max_new_tokens": "--max-new-tokens",
-    "temperature": "--temperature",
-    "top_k": "--top-k",
-    "top_p": "--top-p",
-    "repetition_penalty": "--repetition-penalty",
-    "use_ema": "--ema/--raw-weights",
-}
+def _load(
+    checkpoint: str | None, recipe: str | None, sets: list[str], flags: dict[str, str], offered: tuple[str, ...]
+) -> cdlm.Pretrained:
+    """Load the model with the ``--set`` overrides (and the weights ``--ema/--raw-weights`` chose).
 
-
-def _shown(key: str, value: object, sampler: str | None) -> str:
-    """The flag's value as typed (``--sampler ode`` stays ``ode``; ``--raw-weights`` is a switch)."""
-    if key == "sampler":
-        return str(sampler)
-    return "" if key == "use_ema" else str(value)
-
-
-def _in_flag_terms(message: str, flags: dict[str, str]) -> str:
-    """Name the flag the user typed (``--num-samples 0``), not its ``--set sample.num_samples=0`` form."""
-    for override, flag in flags.items():
-        message = message.replace(f"--set {override}", flag.strip())
-    return message
+    The sampling flags are refused here when the method does not use them (before the model is loaded, for a
+    recipe); the caller applies them to the loaded model.
+    """
+    at_load = [*sets, *(o for o in flags if o.startswith("sample.use_ema="))]
+    if recipe is not None:
+        config = cdlm.load_recipe(recipe, at_load)
+        sample_flags.check_used(config, flags, offered)
+        return cdlm.load_pretrained(config)
+    loaded = cdlm.load_pretrained(checkpoint, overrides=at_load)
+    sample_flags.check_used(loaded.config, flags, offered)
+    return loaded

@@ -49,16 +49,22 @@ class CdlmLM(LM):
         self.model = load_pretrained(str(checkpoint), overrides=overrides, device=device)
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        """Generate for each request's context, batched by generation settings, cut at its ``until`` strings."""
-        groups: dict[int, list[int]] = defaultdict(list)
+        """Generate for each request's context, batched by generation settings, cut at its ``until`` strings.
+
+        A request's ``max_gen_toks`` sets ``sample.max_new_tokens`` for a method that has that setting (Cola);
+        one that generates whole rows (ELF) ignores it.
+        """
+        settings = self.model.config.sample
+        budget = getattr(settings, "max_new_tokens", None)  # None: the method generates whole rows (ELF)
+        groups: dict[int | None, list[int]] = defaultdict(list)
         for i, request in enumerate(requests):
-            groups[int(request.args[1].get("max_gen_toks", self.model.config.sample.max_new_tokens))].append(i)
+            groups[None if budget is None else int(request.args[1].get("max_gen_toks", budget))].append(i)
         out = [""] * len(requests)
         for max_tokens, indices in groups.items():
             samples = sample(
                 self.model,
                 prompts=[requests[i].args[0] for i in indices],
-                overrides=[f"sample.max_new_tokens={max_tokens}"],
+                overrides=[] if max_tokens is None else [f"sample.max_new_tokens={max_tokens}"],
             )
             for i, s in zip(indices, samples, strict=True):
                 until = requests[i].args[1].get("until") or []

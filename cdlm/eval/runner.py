@@ -11,6 +11,7 @@ Three kinds of evaluation, chosen by the inputs:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,11 +20,13 @@ from typing import Any
 
 import torch
 
+from cdlm.config import RunConfig
 from cdlm.errors import DataError
 from cdlm.eval import cola_prompts, cola_scoring, inputs, record, sweep, text_metrics
 from cdlm.eval.entropy import mean_entropy
 from cdlm.eval.gen_ppl import Judge, JudgeDtype, generative_perplexity, judge_tokens, load_judge
 from cdlm.eval.generate import Generation, generate
+from cdlm.recipes import raw_config, with_overrides
 from cdlm.runs import Pretrained, load_pretrained
 from cdlm.sampling.types import StepCallback
 
@@ -82,11 +85,16 @@ class EvalOptions:
 
 @dataclass
 class Hooks:
-    """Progress callbacks: a solver step, a judge batch (done, total), a status line."""
+    """Callbacks: a solver step, a judge batch (done, total), a status line, and the loaded model's config.
+
+    ``on_loaded`` sees the config before the ``sample.*`` overrides are applied to it (``cdlm eval`` refuses there
+    a sampling flag the method does not use).
+    """
 
     on_step: StepCallback | None = None
     on_batch: Callable[[int, int], None] | None = None
     on_message: Callable[[str], None] = field(default=lambda message: None)
+    on_loaded: Callable[[RunConfig], None] = field(default=lambda config: None)
 
 
 def _check(opts: EvalOptions) -> tuple[str, ...]:
@@ -239,6 +247,16 @@ def _run_once(
     return entry, records
 
 
+def _load(checkpoint: str, overrides: Sequence[str], device: torch.device, hooks: Hooks) -> Pretrained:
+    """Load the model with the overrides that build it, show its config to ``hooks``, then apply ``sample.*``."""
+    sampling = [o for o in overrides if o.strip().startswith("sample.") and not o.strip().startswith("sample.use_ema")]
+    loaded = load_pretrained(checkpoint, overrides=[o for o in overrides if o not in sampling], device=device)
+    hooks.on_loaded(loaded.config)
+    if not sampling:
+        return loaded
+    return dataclasses.replace(loaded, config=with_overrides(raw_config(loaded.config), sampling))
+
+
 def evaluate(opts: EvalOptions, hooks: Hooks | None = None) -> dict[str, Any]:
     """Run an evaluation and write ``metrics.json`` and ``samples.jsonl`` (plus the sweep files when steps > 1).
 
@@ -256,7 +274,7 @@ def evaluate(opts: EvalOptions, hooks: Hooks | None = None) -> dict[str, Any]:
     loaded = None
     if opts.checkpoint is not None:
         hooks.on_message(f"loading {opts.checkpoint}")
-        loaded = load_pretrained(opts.checkpoint, overrides=opts.overrides, device=device)
+        loaded = _load(opts.checkpoint, opts.overrides, device, hooks)
     scorer = _Scorer(opts, metrics, device, hooks)
     results, all_records = [], []
     for steps in opts.steps or [None]:

@@ -15,7 +15,8 @@ dit       dit              vae, ref_vae
 ========  ===============  ======================
 
 ``ref_vae`` is Stage 2's reference encoder ``q_φref`` (:class:`~cdlm_cola.components.ReferenceVAE`): it takes
-the VAE's weights when joint training starts and keeps them.
+the VAE's weights when joint training starts (the joint objective anchors it before its first loss, after
+``train.init_from`` is loaded) and keeps them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,15 @@ from cdlm.config import RunConfig
 from cdlm.errors import RecipeError
 from cdlm.interfaces import Method, MethodSpec
 from cdlm_cola.components import ColaDecoder, ColaDenoiser, ColaEmbedder, ReferenceVAE
-from cdlm_cola.config import ColaConfig, ColaDitConfig, ColaVaeConfig, read_dit_config, read_vae_config
+from cdlm_cola.config import (
+    ColaConfig,
+    ColaDitConfig,
+    ColaSampleConfig,
+    ColaVaeConfig,
+    check_run,
+    read_dit_config,
+    read_vae_config,
+)
 from cdlm_cola.dit import ColaDiT
 from cdlm_cola.generate import ColaPipeline
 from cdlm_cola.objective import ColaObjective
@@ -76,7 +85,7 @@ def build(config: RunConfig) -> Method:
         schedule=schedule,
         discretizer=decoder,
         objective=ColaObjective(cfg, vae, dit, ref_vae, schedule),
-        pipeline=ColaPipeline(cfg, vae, dit),
+        pipeline=ColaPipeline(cfg, embedder=embedder, denoiser=denoiser, schedule=schedule, decoder=decoder),
         vocab_size=vae.config.vocab_size,
         trainable={k: m for k, m in modules.items() if k in trained},
         frozen={k: m for k, m in modules.items() if k not in trained},
@@ -157,4 +166,6 @@ spec = MethodSpec(
     config_cls=ColaConfig,
     build=build,
     released_formats=(ColaOfficialRelease(),),
+    check=check_run,
+    sample_config_cls=ColaSampleConfig,
 )

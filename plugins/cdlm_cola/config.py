@@ -1,8 +1,9 @@
-"""The two Cola networks' configs, as read from an official ``config.json`` (Cola spec §1.2).
+"""The ``model:`` and ``sample:`` sections of Cola recipes and their cross-section rules.
 
-Every field of the reference ``ColaTextVAEConfig`` / ``ColaDiTConfig`` is here with the reference's class
-default; a checkpoint's ``config.json`` overrides them. Unknown fields fail, except the bookkeeping keys that
-Hugging Face's ``save_pretrained`` writes (:data:`HF_BOOKKEEPING_KEYS`), which are accepted and dropped.
+The two networks' configs are read as an official ``config.json`` holds them (Cola spec §1.2): every field of the
+reference ``ColaTextVAEConfig`` / ``ColaDiTConfig`` is here with the reference's class default; a checkpoint's
+``config.json`` overrides them. Unknown fields fail, except the bookkeeping keys that Hugging Face's
+``save_pretrained`` writes (:data:`HF_BOOKKEEPING_KEYS`), which are accepted and dropped.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from cdlm.config import Section
+from cdlm.config import RunConfig, SampleConfig, Section
 from cdlm.errors import CheckpointError
 
 Config = TypeVar("Config", bound="_HfConfig")
@@ -253,3 +254,75 @@ class ColaConfig(Section):
                 f"not all zero; got {self.block_size_probs}"
             )
         return self
+
+
+class ColaSampleConfig(SampleConfig):
+    """Cola's sampling settings, with the reference's defaults (``generate_task_repaint_inference``, Cola spec §5–7).
+
+    Generation integrates each block on a uniform grid, with classifier-free guidance, and selects tokens with a
+    repetition penalty over the previous blocks; ``max_new_tokens`` counts whole blocks (Cola spec §6.1 step 8).
+    """
+
+    batch_size: PositiveInt = Field(20, description="prompts per batch (the reference CLI's --batch_size)")
+    steps: PositiveInt = Field(16, description="solver steps per block (the reference's timestep_num)")
+    sampler: Literal["euler", "heun", "midpoint", "dpm2m"] = Field(
+        "euler",
+        description="euler (the reference's); heun / midpoint (2 evaluations per step); dpm2m (second-order "
+        "multistep, 1 evaluation per step)",
+    )
+    grid: Literal["uniform"] = Field("uniform", description="the reference's uniform grid, T → 0 (Cola spec §5)")
+    cfg: float = Field(
+        7.0, description="classifier-free guidance scale (the reference's guidance_scale, Cola spec §5); 1 disables it"
+    )
+    max_new_tokens: PositiveInt = Field(
+        32, description="tokens to generate per prompt, rounded up to whole blocks (Cola spec §6.1 step 7.7)"
+    )
+    top_k: NonNegativeInt = Field(50, description="keep the k most likely tokens; 0 keeps all (Cola spec §7)")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="nucleus filtering; 1 keeps all (Cola spec §7)")
+    repetition_penalty: PositiveFloat = Field(
+        1.1, description="on the ids of previous blocks, applied even when greedy (Cola spec §7); 1 disables it"
+    )
+
+
+def check_run(config: RunConfig) -> list[tuple[tuple[str, ...], str]]:
+    """Return the cross-section problems of a Cola run config, each as (fields involved, problem).
+
+    Checked where the recipe states the shapes inline (a pretrained directory's ``config.json`` is read when the
+    method is built): a trained BPE within the VAE vocabulary, training blocks that fit a row, and a generation
+    budget within ``model.max_length``.
+    """
+    cfg: ColaConfig = config.model
+    problems = []
+    sample: ColaSampleConfig = config.sample
+    if sample.max_new_tokens > cfg.max_length:
+        problems.append(
+            (
+                ("sample.max_new_tokens", "model.max_length"),
+                f"{sample.max_new_tokens} new tokens exceed model.max_length {cfg.max_length}, the longest prompt "
+                "plus generation sampling accepts; ask for fewer tokens (or raise model.max_length)",
+            )
+        )
+    vae = cfg.vae if cfg.pretrained_vae is None else None
+    if vae is not None and config.data.tokenizer == "bpe" and config.data.vocab_size > vae.vocab_size:
+        problems.append(
+            (
+                ("data.vocab_size", "model.vae.vocab_size"),
+                f"{config.data.vocab_size} tokens for a trained BPE exceed model.vae.vocab_size {vae.vocab_size}, "
+                f"which the VAE reads; set data.vocab_size to at most {vae.vocab_size} (or raise the VAE's)",
+            )
+        )
+    dit = cfg.dit if cfg.pretrained_dit is None else None
+    sizes = cfg.block_sizes or ([dit.block_size] if dit is not None else [])
+    patch_size = vae.patch_size if vae is not None else 1
+    too_big = [bs for bs in sizes if bs * patch_size > config.data.seq_len]
+    if cfg.stage != "vae" and too_big:
+        field = "model.block_sizes" if cfg.block_sizes else "model.dit.block_size"
+        problems.append(
+            (
+                (field, "data.seq_len"),
+                f"training blocks of {too_big} latents do not fit a row of data.seq_len {config.data.seq_len} "
+                f"tokens ({patch_size} per latent); use blocks of at most {config.data.seq_len // patch_size} "
+                "latents (or longer rows)",
+            )
+        )
+    return problems

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cdlm.cli.__main__ import app
-from cdlm.errors import DataError
+from cdlm.errors import DataError, RecipeError
 
 
 def invoke(*args: str) -> dict:
@@ -125,3 +125,24 @@ def test_cdlm_sample_takes_sources_and_an_input_file(seq2seq_run: Path, tmp_path
     b = [json.loads(line) for line in (tmp_path / "b").read_text().splitlines()]
     assert [r["prompt"] for r in a] == ["assert", "import"] and [r.get("id") for r in a] == [4, None]
     assert [r["ids"] for r in a] == [r["ids"] for r in b]  # ELF seeds from sample.seed: ids do not change its noise
+
+
+def test_sampling_flags_apply_to_the_loaded_methods_settings(elf_run: Path, tmp_path: Path) -> None:
+    """The model loads with the non-sample overrides; its config is shown to the hooks; then `sample.*` applies."""
+    from cdlm.eval import runner
+
+    class Loaded(Exception):
+        pass
+
+    def stop(config: object) -> None:
+        raise Loaded(config)
+
+    opts = runner.EvalOptions(output_dir=tmp_path, checkpoint=str(elf_run), overrides=("sample.max_new_tokens=3",))
+    with pytest.raises(Loaded) as loaded:  # ELF has no max_new_tokens: the hook runs before it is refused
+        runner.evaluate(opts, runner.Hooks(on_loaded=stop))
+    assert type(loaded.value.args[0].sample).__name__ == "ElfSampleConfig"
+    with pytest.raises(RecipeError, match=r"^--set sample.max_new_tokens=3: sample.max_new_tokens: unknown field for"):
+        runner.evaluate(opts)
+    with pytest.raises(RecipeError, match=r"^--sampler rk4: sample.sampler: input should be"):
+        args = ["eval", "-c", str(elf_run), "--sampler", "rk4", "-o", str(tmp_path)]
+        CliRunner().invoke(app, args, catch_exceptions=False)
