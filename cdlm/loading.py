@@ -89,6 +89,8 @@ def read_source(source: str | Path | RunConfig, overrides: Sequence[str] = ()) -
         released = fmt.read(path)
         config = with_overrides(released.recipe, overrides, path=path)
         return Source(config, released.weights, released.ema, released.step, path, fmt.name, Path.cwd())
+    if path.is_dir() and (path / MODEL_FILE).is_file():
+        checkpoint_dir(path)  # raises: weights without the config that says what they fit
     known = ", ".join(f.name for f in _formats()) or "none installed"
     raise CheckpointError(
         f"{path}: not a cdlm run or checkpoint directory (no {CHECKPOINTS}/, {MODEL_FILE} or {CONFIG_FILE}), "
@@ -158,7 +160,8 @@ def load_source_tokenizer(source: Source) -> PreTrainedTokenizerBase:
 
 
 def _looks_like_cdlm(path: Path) -> bool:
-    return any((path / name).exists() for name in (CHECKPOINTS, MODEL_FILE, CONFIG_FILE))
+    """A run or checkpoint directory: it has checkpoints or a run config (released layouts may hold MODEL_FILE)."""
+    return any((path / name).exists() for name in (CHECKPOINTS, CONFIG_FILE))
 
 
 def checkpoint_dir(path: Path) -> Path:

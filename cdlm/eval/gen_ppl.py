@@ -2,7 +2,8 @@
 
 The reference's rules, kept exactly:
 
-* the judge's tokenizer, with ``pad := eos`` when it has no pad token (``use_fast`` except for mT5);
+* the judge's tokenizer, with ``pad := eos`` (the reference's GPT-2 has no pad token; a judge with its own pad
+  pads with EOS too, so that padding is never scored) (``use_fast`` except for mT5);
 * empty or whitespace-only samples are dropped (``scripts/eval_ppl.py``);
 * **all** samples are retokenised at once, ``truncation=True, padding=True`` (to the longest sample),
   ``max_length`` 1024, no BOS; each batch is scored in chunks of ``context_size`` positions (one chunk at 1024);
@@ -36,7 +37,7 @@ class Judge:
 
     Attributes:
         name: what ``--judge`` said (hub id or local path).
-        tokenizer: the judge's tokenizer, with ``pad := eos`` when it had no pad token.
+        tokenizer: the judge's tokenizer, padding with EOS (``pad := eos``).
         model: the model in eval mode, or None when only its tokenizer was loaded (entropy alone).
         dtype: ``"bf16"`` (the reference's) or ``"fp32"``.
     """
@@ -73,7 +74,10 @@ def load_judge(
             f"--judge {name_or_path}: cannot load a causal LM and its tokenizer there ({err}); give a local "
             "save_pretrained directory, or a hub id that is in the cache when HF_HUB_OFFLINE=1"
         ) from None
-    if tokenizer.pad_token is None:
+    if tokenizer.pad_token is None or tokenizer.pad_token_id != tokenizer.eos_token_id:
+        # GPT-2 has no pad token and the reference pads with EOS; the scoring rule (real tokens and the first EOS
+        # count) relies on it, so a judge with its own pad id (cdlm's BPE: <pad> 0, </s> 1) pads with EOS too,
+        # else every padding position would be scored as a target it was never trained to predict
         tokenizer.pad_token = tokenizer.eos_token
     return Judge(name=name_or_path, tokenizer=tokenizer, model=model, dtype=dtype)
 
@@ -158,7 +162,7 @@ def generative_perplexity(
         texts: the samples; empty ones are dropped first.
         batch_size: samples per forward (the reference's in-run evaluation uses 64, its script 16).
         max_length: truncation length of the retokenised samples.
-        context_size: positions per scored chunk.
+        context_size: positions per scored chunk; at most the judge's own context (GPT-2's ``n_positions``).
         on_batch: called with (batches done, batches in all) after each batch.
 
     Raises:
@@ -170,6 +174,7 @@ def generative_perplexity(
     if not kept:
         raise DataError("gen_ppl: every sample is empty or whitespace; there is nothing to score")
     ids, mask = retokenize(judge.tokenizer, kept, max_length)
+    context_size = min(context_size, getattr(judge.model.config, "max_position_embeddings", None) or context_size)
     device = next(judge.model.parameters()).device
     eos_id = judge.tokenizer.eos_token_id
     nll_sum = np.zeros(len(kept), dtype=np.float64)

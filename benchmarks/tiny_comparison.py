@@ -1,0 +1,264 @@
+"""The tiny recipes against the autoregressive baseline, at equal CPU wall-clock, judged by that baseline.
+
+One command (issue 11)::
+
+    python benchmarks/tiny_comparison.py --minutes 30 --out runs/compare
+
+1. trains ``ar-tiny``, then ``elf-tiny`` and ``cola-tiny`` on five Austen novels (Persuasion held out), each for
+   ``--minutes`` of wall-clock on one thread: a short calibration run measures the seconds per step, the run
+   plans ``train.steps`` for the budget (so a decaying LR schedule ends on time) and ``train.max_minutes``
+   stops it exactly (a staged recipe spends the budget on its last stage, after its earlier stages);
+2. converts ``ar-tiny`` into a ``transformers`` causal LM (``cdlm convert --to hf-causal-lm``): the judge;
+3. scores with ``cdlm eval --judge``: each diffusion model at 8/16/32/64 steps (Gen PPL, entropy), the judge's
+   own samples at temperature 1, held-out Persuasion in sample-sized chunks, and the same chunks with their
+   words shuffled (what word soup scores);
+4. writes ``comparison.md`` (table and samples), ``comparison.json`` and ``comparison.png`` under ``--out``.
+
+Everything runs through the CLI a user types; add ``--reuse`` to rescore existing runs without retraining.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO.parent / "shared" / "data" / "austen"
+HOLDOUT = "persuasion.txt.gz"
+MODELS = ("ar-tiny", "elf-tiny", "cola-tiny")
+STEPS = (8, 16, 32, 64)
+CALIBRATION_STEPS = 30
+
+
+def cdlm(*args: str, log: Path) -> None:
+    """Run one ``cdlm`` command on one thread; its output goes to ``log``; a failure stops the benchmark."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with log.open("a", encoding="utf-8") as out:
+        out.write(f"$ cdlm {' '.join(args)}\n")
+        out.flush()
+        done = subprocess.run([sys.executable, "-m", "cdlm.cli", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+    if done.returncode != 0:
+        sys.exit(f"cdlm {' '.join(args)} failed (exit {done.returncode}); see {log}")
+
+
+def data_overrides(data: Path) -> list[str]:
+    """The ``--set`` flags that train on the five novels and hold Persuasion out."""
+    return ["--set", f"data.source={data}", "--set", f"data.holdout=[{HOLDOUT}]"]
+
+
+def last_stage(recipe: str) -> str | None:
+    """Return the name of ``recipe``'s last stage, or None for a single-stage recipe."""
+    from cdlm.recipes import load_recipe  # the benchmark's own process reads recipes, nothing else of cdlm
+
+    stages = load_recipe(recipe).stages
+    return stages[-1].name if stages else None
+
+
+def timing(run: Path, stage: str | None) -> tuple[float, float]:
+    """Return (seconds per step of the timed stage, seconds spent in the stages before it) of a finished run."""
+
+    def records(directory: Path) -> list[dict[str, Any]]:
+        lines = (directory / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    timed = records(run / stage if stage else run)
+    first, last = timed[0], timed[-1]  # the first record is past the first (slowest) steps
+    per_step = (last["elapsed_s"] - first["elapsed_s"]) / max(1, last["step"] - first["step"])
+    earlier = 0.0
+    if stage:
+        for name in [p.name for p in sorted(run.iterdir()) if (p / "metrics.jsonl").is_file() and p.name != stage]:
+            earlier += records(run / name)[-1]["elapsed_s"]
+    return per_step, earlier
+
+
+def train(recipe: str, out: Path, minutes: float, data: Path, log: Path) -> dict[str, Any]:
+    """Calibrate, then train ``recipe`` for ``minutes`` of wall-clock in all; return what was planned and spent.
+
+    A staged recipe runs its earlier stages as written; their time comes out of the budget of the last stage.
+    """
+    stage = last_stage(recipe)
+    key = f"stages.{stage}.train" if stage else "train"
+    calibration = out.parent / f"{out.name}-calibration"
+    calib = ["--set", f"{key}.steps={CALIBRATION_STEPS}", "--set", f"{key}.log_every=10"]
+    cdlm("train", "--recipe", recipe, "-o", str(calibration), *data_overrides(data), *calib, log=log)
+    per_step, earlier = timing(calibration, stage)
+    budget = minutes - earlier / 60
+    if budget <= 0:
+        sys.exit(f"{recipe}: its earlier stages alone take {earlier / 60:.1f} min, over --minutes {minutes}")
+    steps = max(1, int(budget * 60 / per_step))
+    started = time.monotonic()
+    limit = ["--set", f"{key}.steps={steps}", "--set", f"{key}.max_minutes={budget:.4f}"]
+    cdlm("train", "--recipe", recipe, "-o", str(out), *data_overrides(data), *limit, log=log)
+    return {"seconds_per_step": per_step, "planned_steps": steps, "wall_s": time.monotonic() - started}
+
+
+def real_chunks(data: Path, judge: Path, count: int, tokens: int, seed: int) -> tuple[list[str], list[str]]:
+    """Return ``count`` chunks of held-out Persuasion of ``tokens`` judge tokens, and the same chunks word-shuffled.
+
+    Chunks are drawn at random positions (fixed ``seed``) of the novel's paragraphs joined by blank lines.
+    """
+    from transformers import AutoTokenizer
+
+    text = gzip.open(data / HOLDOUT, "rt", encoding="utf-8").read()
+    paragraphs = [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
+    ids = AutoTokenizer.from_pretrained(str(judge))("\n\n".join(paragraphs))["input_ids"]
+    tokenizer = AutoTokenizer.from_pretrained(str(judge))
+    rng = random.Random(seed)
+    starts = sorted(rng.sample(range(len(ids) - tokens), count))
+    chunks = [tokenizer.decode(ids[s : s + tokens]).strip() for s in starts]
+    shuffled = []
+    for chunk in chunks:
+        words = chunk.split()
+        rng.shuffle(words)
+        shuffled.append(" ".join(words))
+    return chunks, shuffled
+
+
+def write_texts(path: Path, texts: list[str]) -> Path:
+    """Write texts as a ``cdlm eval --samples`` JSONL file."""
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def evaluate(name: str, source: list[str], judge: Path, out: Path, log: Path) -> dict[str, Any]:
+    """Run ``cdlm eval`` with the judge (fp32) and return its ``metrics.json`` record and first samples."""
+    target = out / f"eval-{name}"
+    cdlm("eval", *source, "--judge", str(judge), "--judge-dtype", "fp32", "-o", str(target), log=log)
+    record = json.loads((target / "metrics.json").read_text(encoding="utf-8"))
+    samples = [json.loads(line) for line in (target / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    return {"results": record["results"], "samples": samples}
+
+
+def report(rows: list[dict[str, Any]], samples: dict[str, list[str]], meta: dict[str, Any], out: Path) -> None:
+    """Write ``comparison.md`` (table, samples), ``comparison.json`` and ``comparison.png``."""
+    real = next(r for r in rows if r["name"] == "Persuasion (held out)")
+    lines = [
+        f"Judge: `ar-tiny` trained {meta['minutes']} min ({meta['judge']}); {meta['num_samples']} samples per row; "
+        f"CPU, one thread per run. Command: `{meta['command']}`.",
+        "",
+        "| samples | steps | Gen PPL | entropy (nats) | entropy / real | train steps |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = r["entropy"] / real["entropy"]
+        lines.append(
+            f"| {r['name']} | {r.get('steps') or '–'} | {r['gen_ppl']:,.1f} | {r['entropy']:.3f} | {ratio:.2f} | "
+            f"{r.get('train_steps', '–')} |"
+        )
+    lines += ["", "Samples (first three of each model, at its recipe's steps for the sweep's largest):", ""]
+    for name, texts in samples.items():
+        lines.append(f"**{name}**")
+        lines.append("")
+        lines += [f"> {' '.join(t.split())[:400]}\n" for t in texts[:3]]
+        lines.append("")
+    (out / "comparison.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / "comparison.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n", encoding="utf-8")
+    plot(rows, out / "comparison.png")
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Gen PPL against steps per diffusion model, with the reference rows as horizontal lines (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model in sorted({r["name"] for r in rows if r.get("steps")}):
+        points = sorted((r["steps"], r["gen_ppl"]) for r in rows if r["name"] == model)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model)
+    for r in rows:
+        if not r.get("steps"):
+            ax.axhline(r["gen_ppl"], linestyle="--", linewidth=1, label=r["name"], color=None)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel("Gen PPL under ar-tiny (lower is better)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=30.0, help="training wall-clock per model")
+    parser.add_argument("--out", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--data", type=Path, default=DATA, help="a folder of the Austen novels (.txt.gz)")
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--steps", default=",".join(map(str, STEPS)), help="sampling steps of the diffusion models")
+    parser.add_argument("--models", default=",".join(MODELS[1:]), help="diffusion recipes to compare")
+    parser.add_argument("--reuse", action="store_true", help="score existing runs under --out; train nothing")
+    args = parser.parse_args()
+    if not (args.data / HOLDOUT).is_file():
+        sys.exit(f"--data {args.data}: no {HOLDOUT}; point it at the Austen folder (shared/data/austen)")
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "commands.log"
+    models = ["ar-tiny", *args.models.split(",")]
+    spent: dict[str, Any] = {}
+    for recipe in models:
+        if not args.reuse:
+            print(f"training {recipe} for {args.minutes} min", flush=True)
+            spent[recipe] = train(recipe, out / recipe, args.minutes, args.data, log)
+    judge = out / "judge"
+    if not args.reuse or not judge.is_dir():
+        cdlm("convert", str(out / "ar-tiny"), "--to", "hf-causal-lm", str(judge), log=log)
+    n = str(args.num_samples)
+    rows: list[dict[str, Any]] = []
+    samples: dict[str, list[str]] = {}
+    own = evaluate("ar-tiny", ["--checkpoint", str(out / "ar-tiny"), "--num-samples", n], judge, out, log)
+    real, shuffled = real_chunks(args.data, judge, args.num_samples, tokens=63, seed=0)
+    for name, found in (
+        (
+            "Persuasion (held out)",
+            evaluate("real", ["--samples", str(write_texts(out / "real.jsonl", real))], judge, out, log),
+        ),
+        (
+            "Persuasion, words shuffled",
+            evaluate("shuffled", ["--samples", str(write_texts(out / "shuffled.jsonl", shuffled))], judge, out, log),
+        ),
+        ("ar-tiny (judge's own, T = 1)", own),
+    ):
+        metrics = found["results"][0]["metrics"]
+        rows.append({"name": name, "gen_ppl": metrics["gen_ppl"], "entropy": metrics["entropy"]})
+    samples["ar-tiny"] = [s["text"] for s in own["samples"]]
+    for recipe in models[1:]:
+        found = evaluate(
+            recipe, ["--checkpoint", str(out / recipe), "--num-samples", n, "--steps", args.steps], judge, out, log
+        )
+        for entry in found["results"]:
+            rows.append(
+                {
+                    "name": recipe,
+                    "steps": entry["steps"],
+                    "nfe": entry["nfe"],
+                    **{k: entry["metrics"][k] for k in ("gen_ppl", "entropy")},
+                }
+            )
+        largest = max(e["steps"] for e in found["results"])
+        samples[recipe] = [s["text"] for s in found["samples"] if s.get("steps", largest) == largest]
+    for row in rows:
+        recipe = row["name"].split(" ")[0]
+        if recipe in spent:
+            row["train_steps"] = spent[recipe]["planned_steps"]
+    meta = {
+        "minutes": args.minutes,
+        "judge": str(judge),
+        "num_samples": args.num_samples,
+        "command": " ".join(["python benchmarks/tiny_comparison.py", *sys.argv[1:]]),
+        "training": spent,
+    }
+    report(rows, samples, meta, out)
+    print((out / "comparison.md").read_text(encoding="utf-8"))
+
+
+if __name__ == "__main__":
+    main()
