@@ -93,7 +93,7 @@ def make_request(batch: int, blocks: int, steps: int, block_size: int) -> Genera
     lengths = [int(n) for n in torch.randint(1, 6 * block_size, (batch,), generator=gen)]
     prompts = [torch.randint(4, VOCAB, (n,), generator=gen).tolist() for n in lengths]
     settings = ColaSampleConfig(
-        steps=steps, sampler="euler", grid="uniform", cfg=7.0, temperature=0.0, repetition_penalty=1.1,
+        steps=steps, sampler="euler", grid="uniform", guidance=7.0, temperature=0.0, repetition_penalty=1.1,
         max_new_tokens=blocks * block_size, batch_size=batch,
     )  # fmt: skip
     return GenerateRequest(batch, prompts, settings)

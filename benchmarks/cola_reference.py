@@ -28,7 +28,7 @@ from torch import Tensor
 from cdlm.sampling.guidance import classifier_free, combine, conditional
 from cdlm.sampling.types import DenoiseFn, PredictFn, Prediction
 from cdlm_cola.components import (
-    CLEAN,
+    DATA_TIME,
     ColaCond,
     ColaDecoder,
     ColaDenoiser,
@@ -157,8 +157,8 @@ def recomputed_velocity(denoiser: ColaDenoiser, z: Tensor, t: Tensor, cond: Reco
     rows, bs, _ = z.shape
     t_tok = t.float()[:, None].expand(rows, bs)  # (B, bs)
     if cond.pinned is not None:
-        t_tok = torch.where(cond.pinned, CLEAN, t_tok)
-    clean = [torch.full((c.shape[0],), CLEAN, device=z.device) for c in cond.context]
+        t_tok = torch.where(cond.pinned, DATA_TIME, t_tok)
+    clean = [torch.full((c.shape[0],), DATA_TIME, device=z.device) for c in cond.context]
     txt, lens = _with_context(cond.context, z)
     timestep = denoiser.schedule.model_time(torch.cat([u for pair in zip(clean, t_tok, strict=True) for u in pair]))
     return _tails(denoiser.dit(txt, lens, lens, timestep), lens, bs)

@@ -133,12 +133,12 @@ def elf_rows(repeats: int) -> list[dict]:
     is_source = torch.arange(128)[None] < torch.randint(8, 64, (BATCH, 1), generator=gen)
     seq2seq = ElfCond(w, torch.randn(BATCH, 128, cfg.latent_dim, generator=gen), is_source)
     sde = ElfSampleConfig(steps=STEPS, sampler="sde", grid="uniform")
-    ode = ElfSampleConfig(steps=STEPS, sampler="euler", grid="uniform", cfg=2.0)
+    ode = ElfSampleConfig(steps=STEPS, sampler="euler", grid="uniform", guidance=2.0)
 
     def sample(path: str, cond: ElfCond, settings: ElfSampleConfig) -> torch.Tensor:
         denoise = elf_denoise_fn(ElfDenoiser(nets[path]), schedule)  # type: ignore[arg-type]
         noise = torch.Generator().manual_seed(4)
-        return rollout(guided(denoise, cond, settings.cfg), z0, torch.linspace(0, 1, STEPS + 1), settings,
+        return rollout(guided(denoise, cond, settings.guidance), z0, torch.linspace(0, 1, STEPS + 1), settings,
                        noise_scale=2.0, generator=noise, constrain=cond.restore).z  # fmt: skip
 
     with torch.no_grad():

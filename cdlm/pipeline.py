@@ -62,7 +62,7 @@ class FlowSampleConfig(SampleConfig):
     grid_std: PositiveFloat = Field(0.8, description="logit-normal grid scale (ELF spec §4.1)")
     grid_shift: PositiveFloat = Field(1.0, description="shifted grid: > 1 spends more steps near the noise end")
     churn: NonNegativeFloat = Field(0.0, description="SDE γ: back-off per unit time (sampler: sde, ELF spec §4.3)")
-    cfg: float = Field(1.0, description="classifier-free guidance scale; 1 disables it")
+    guidance: float = Field(1.0, description="classifier-free guidance scale; 1 disables it")
 
 
 def time_grid(settings: FlowSampleConfig, generator: torch.Generator) -> Tensor:
@@ -210,10 +210,10 @@ class FlowPipeline(Pipeline):
                 "prompts (--prompt, --prompts-file): this method generates unconditionally (its pipeline builds no "
                 "condition from a prompt); sample without prompts"
             )
-        if settings.cfg != 1.0:
+        if settings.guidance != 1.0:
             raise DataError(
-                f"sample.cfg={settings.cfg} (--cfg): classifier-free guidance contrasts a condition with its "
-                "absence, and this method generates unconditionally; leave sample.cfg at 1"
+                f"sample.guidance={settings.guidance} (--guidance): classifier-free guidance contrasts a condition "
+                "with its absence, and this method generates unconditionally; leave sample.guidance at 1"
             )
 
     def condition(self, size: int, prompts: list[list[int]] | None, settings: FlowSampleConfig) -> Conditioning:
@@ -238,8 +238,8 @@ class FlowPipeline(Pipeline):
         return self.schedule.predict(self.denoiser(z, t, cond), z, t)
 
     def predictor(self, cond: Conditioning, settings: FlowSampleConfig) -> PredictFn:
-        """Return what the solver integrates: :meth:`denoise` under classifier-free guidance ``settings.cfg``."""
-        return classifier_free(self.denoise, cond, settings.cfg)
+        """Return what the solver integrates: :meth:`denoise` under classifier-free guidance ``settings.guidance``."""
+        return classifier_free(self.denoise, cond, settings.guidance)
 
     def constrain(self, cond: Conditioning) -> Constrain:
         """Return the map applied to the state before and after every step; the identity by default."""

@@ -96,7 +96,8 @@ def test_sample_from_a_recipe_that_loads_released_weights(tmp_path: Path) -> Non
         f"model: {{pretrained_dit: {fixtures / 'cola_dit'}, pretrained_vae: {fixtures / 'cola_vae'}, "
         "pad_id: 3, eos_id: 0, im_end_id: 2, per_sample_noise_seed: 66}\n"
         f"data: {{tokenizer: {fixtures / 'tokenizer.json'}}}\n"
-        "sample: {sampler: euler, grid: uniform, steps: 16, cfg: 7.0, max_new_tokens: 8, repetition_penalty: 1.1}\n"
+        "sample: {sampler: euler, grid: uniform, steps: 16, guidance: 7.0, max_new_tokens: 8,"
+        " repetition_penalty: 1.1}\n"
     )
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "The cat sat on"}\n{"prompt": "Once upon a time there was a"}\n')

@@ -19,8 +19,8 @@ from cdlm.registry import get_method
 from cdlm_cola.config import ColaSampleConfig
 from cdlm_elf.config import ElfConfig, ElfSampleConfig
 
-ELF_ONLY = {"sampler", "grid", "grid_mean", "grid_std", "grid_shift", "churn", "cfg", "self_cond_scale"}
-COLA_ONLY = {"sampler", "grid", "cfg", "max_new_tokens", "repetition_penalty"}
+ELF_ONLY = {"sampler", "grid", "grid_mean", "grid_std", "grid_shift", "churn", "guidance", "self_cond_scale"}
+COLA_ONLY = {"sampler", "grid", "guidance", "max_new_tokens", "repetition_penalty"}
 
 
 def one_line_error(call: object) -> str:
@@ -51,11 +51,11 @@ def test_core_keeps_only_the_shared_settings_and_plugins_add_theirs() -> None:
 
 def test_defaults_are_each_references() -> None:
     elf = ElfSampleConfig()  # ELF-B headline setting, ELF spec §4.4
-    assert (elf.sampler, elf.grid, elf.steps, elf.churn, elf.self_cond_scale, elf.cfg) == (
+    assert (elf.sampler, elf.grid, elf.steps, elf.churn, elf.self_cond_scale, elf.guidance) == (
         "sde", "logit_normal", 32, 1.5, 3.0, 1.0
     )  # fmt: skip
     cola = ColaSampleConfig()  # generate_task_repaint_inference, Cola spec §5–7
-    assert (cola.sampler, cola.grid, cola.steps, cola.cfg, cola.max_new_tokens, cola.batch_size) == (
+    assert (cola.sampler, cola.grid, cola.steps, cola.guidance, cola.max_new_tokens, cola.batch_size) == (
         "euler", "uniform", 16, 7.0, 32, 20
     )  # fmt: skip
     assert (cola.temperature, cola.top_k, cola.top_p, cola.repetition_penalty) == (0.0, 50, 0.9, 1.1)
@@ -149,8 +149,8 @@ def test_recipes_show_prints_the_methods_sample_section() -> None:
     header = lines.index("sample:  # the sample settings of method 'cola' (ColaSampleConfig); it takes no others")
     section = lines[header + 1 : header + 1 + len(ColaSampleConfig.model_fields)]
     assert [line.split(":")[0].strip() for line in section] == list(ColaSampleConfig.model_fields)
-    cfg = next(line for line in section if line.strip().startswith("cfg:"))
-    assert cfg.startswith("  cfg: 3.0") and "guidance scale" in cfg and cfg.endswith("default 7.0")
+    guidance = next(line for line in section if line.strip().startswith("guidance:"))
+    assert guidance.startswith("  guidance: 3.0") and "guidance scale" in guidance and guidance.endswith("default 7.0")
     assert "churn" not in shown.stdout
     elf = CliRunner().invoke(app, ["recipes", "show", "elf-tiny"], catch_exceptions=False).stdout
     assert "churn: 1.5" in elf and "SDE γ" in elf and "max_new_tokens" not in elf
@@ -165,7 +165,7 @@ def test_a_flag_the_method_does_not_use_names_the_method_and_its_flags() -> None
     message = str(raised.value)
     assert message.startswith("--max-new-tokens 8: method 'elf' does not use this flag; the sampling flags it takes")
     takes = message.split("it takes are ")[1].split(" (")[0].split(", ")
-    assert takes == ["--num-samples", "--steps", "--sampler", "--cfg", "--seed", "--temperature", "--top-k"] + [
+    assert takes == ["--num-samples", "--steps", "--sampler", "--guidance", "--seed", "--temperature", "--top-k"] + [
         "--top-p",
         "--ema/--raw-weights",
     ]

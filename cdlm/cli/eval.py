@@ -46,7 +46,9 @@ def eval_(
     num_samples: Annotated[int | None, typer.Option(help="unconditional samples")] = None,
     steps: Annotated[str | None, typer.Option(help="solver steps; several (8,16,32,64) make a sweep")] = None,
     sampler: Annotated[str | None, typer.Option(help="euler (ode) | heun | sde")] = None,
-    cfg: Annotated[float | None, typer.Option("--cfg", "--guidance", help="classifier-free guidance scale")] = None,
+    guidance: Annotated[
+        float | None, typer.Option("--guidance", "--cfg", help="classifier-free guidance scale")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE override of the model's config")] = None,
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="where metrics.json goes")] = Path("eval"),
@@ -56,7 +58,12 @@ def eval_(
 
     if judge_dtype not in ("bf16", "fp32"):
         raise DataError(f"--judge-dtype {judge_dtype}: expected bf16 or fp32")
-    sugar = {"num_samples": num_samples, "sampler": "euler" if sampler == "ode" else sampler, "cfg": cfg, "seed": seed}
+    sugar = {
+        "num_samples": num_samples,
+        "sampler": "euler" if sampler == "ode" else sampler,
+        "guidance": guidance,
+        "seed": seed,
+    }
     flags = sample_flags.overrides(sugar, typed={"sampler": str(sampler)})
     overrides = [*(set_ or []), *flags]
     opts = runner.EvalOptions(

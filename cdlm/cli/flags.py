@@ -16,7 +16,7 @@ SAMPLE_FLAGS = {
     "num_samples": "--num-samples",
     "steps": "--steps",
     "sampler": "--sampler",
-    "cfg": "--cfg",
+    "guidance": "--guidance",
     "seed": "--seed",
     "max_new_tokens": "--max-new-tokens",
     "temperature": "--temperature",

@@ -62,7 +62,9 @@ def sample(
     num_samples: Annotated[int | None, typer.Option(help="number of samples (unconditional)")] = None,
     steps: Annotated[int | None, typer.Option(help="solver steps")] = None,
     sampler: Annotated[str | None, typer.Option(help="euler (ode) | heun | midpoint | dpm2m | sde")] = None,
-    cfg: Annotated[float | None, typer.Option("--cfg", "--guidance", help="classifier-free guidance scale")] = None,
+    guidance: Annotated[
+        float | None, typer.Option("--guidance", "--cfg", help="classifier-free guidance scale")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
     prompt: Annotated[
         list[str] | None,
@@ -96,7 +98,7 @@ def sample(
         "num_samples": num_samples,
         "steps": steps,
         "sampler": "euler" if sampler == "ode" else sampler,
-        "cfg": cfg,
+        "guidance": guidance,
         "seed": seed,
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,

@@ -271,7 +271,7 @@ class ColaSampleConfig(SampleConfig):
         "multistep, 1 evaluation per step)",
     )
     grid: Literal["uniform"] = Field("uniform", description="the reference's uniform grid, T → 0 (Cola spec §5)")
-    cfg: float = Field(
+    guidance: float = Field(
         7.0, description="classifier-free guidance scale (the reference's guidance_scale, Cola spec §5); 1 disables it"
     )
     max_new_tokens: PositiveInt = Field(

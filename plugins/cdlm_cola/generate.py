@@ -191,7 +191,7 @@ class ColaPipeline(Pipeline):
         for step in range(num_blocks):
             pinned, clean = (plan.pinned, plan.clean) if step == 0 else (None, None)
             cond = state.cond(pinned, clean)
-            scale = self._scale(settings.cfg, prefix_lens if step == 0 else None)
+            scale = self._scale(settings.guidance, prefix_lens if step == 0 else None)
             noise = self._noise(sample_ids, step, generator)  # (B, bs, C)
             z, block_ids, block_nfe = self._block(state, cond, scale, noise, tokens, settings, generator, on_step)
             tokens = torch.cat([tokens, block_ids], dim=1)
@@ -251,11 +251,11 @@ class ColaPipeline(Pipeline):
         )  # (B, bs·ps)
         return out.z, block_ids, out.nfe + 1
 
-    def _scale(self, cfg: float, prefix_lens: list[int] | None) -> float | Tensor:
+    def _scale(self, guidance: float, prefix_lens: list[int] | None) -> float | Tensor:
         """Return the CFG scale: per row in the first block, where a row with an empty prefix gets 1 (spec §5)."""
         if prefix_lens is None or all(prefix_lens):
-            return cfg
-        scales = [cfg if n else 1.0 for n in prefix_lens]
+            return guidance
+        scales = [guidance if n else 1.0 for n in prefix_lens]
         if len(set(scales)) == 1:
             return scales[0]
         return torch.tensor(scales, dtype=torch.float32, device=self._device())  # (B,)

@@ -50,13 +50,13 @@ def _pin(pred: Prediction, cond: ElfCond) -> Prediction:
     return Prediction(x=cond.restore(pred.x), v=cond.restore(pred.v, 0.0))
 
 
-def guided(denoise: DenoiseFn, cond: ElfCond, cfg_scale: float) -> PredictFn:
+def guided(denoise: DenoiseFn, cond: ElfCond, guidance: float) -> PredictFn:
     """Return the rollout's PredictFn: classifier-free guidance when conditional, re-pinned (spec §4.2 step 3).
 
     Unconditional rows have no null branch to contrast (the reference forces cfg = 1 there), so the scale
     only applies when ``cond`` carries a condition.
     """
-    predict = classifier_free(denoise, cond, cfg_scale if cond.mask is not None else 1.0)
+    predict = classifier_free(denoise, cond, guidance if cond.mask is not None else 1.0)
 
     def pinned(z: Tensor, t: Tensor, x_prev: Tensor) -> Prediction:
         return _pin(predict(z, t, x_prev), cond)
@@ -139,7 +139,7 @@ class ElfPipeline(FlowPipeline):
                 for a model trained without sources, or a CFG scale with nothing to condition on.
         """
         self._check_prompts(request.num_samples, request.prompts)
-        self._check_guidance(request.prompts, request.settings.cfg)
+        self._check_guidance(request.prompts, request.settings.guidance)
 
     def condition(self, size: int, prompts: list[list[int]] | None, settings: ElfSampleConfig) -> ElfCond:
         """Return the ElfCond of ``size`` rows: SC-CFG scale w, plus the sources encoded at positions [0, n) if any.
@@ -169,7 +169,7 @@ class ElfPipeline(FlowPipeline):
 
     def predictor(self, cond: ElfCond, settings: ElfSampleConfig) -> PredictFn:
         """Return :func:`guided`: classifier-free guidance on the source, re-pinned."""
-        return guided(self.denoise, cond, settings.cfg)
+        return guided(self.denoise, cond, settings.guidance)
 
     def constrain(self, cond: ElfCond) -> Constrain:
         """Return ``cond.restore``: condition positions stay at their clean latents (spec §4.3)."""
@@ -184,17 +184,18 @@ class ElfPipeline(FlowPipeline):
         lengths = None if prompts is None else [len(s) for s in prompts]
         return postprocess(tokens, lengths, eos_id=self.eos_id, pad_id=self.pad_id)
 
-    def _check_guidance(self, prompts: list[list[int]] | None, cfg: float) -> None:
+    def _check_guidance(self, prompts: list[list[int]] | None, guidance: float) -> None:
         if prompts is not None and not self.conditional:
             raise DataError(
                 "prompts (--prompt, --prompts-file): this ELF model was trained without sources (data.source_field "
                 "is unset), so it cannot condition on a prompt; sample unconditionally with --num-samples, or set "
                 "data.source_field for a seq2seq checkpoint"
             )
-        if prompts is None and cfg != 1.0:
+        if prompts is None and guidance != 1.0:
             raise DataError(
-                f"sample.cfg={cfg} (--cfg): classifier-free guidance contrasts a prompt with its absence, and this "
-                "request has no prompts (unconditional ELF generation); drop --cfg or leave it at 1"
+                f"sample.guidance={guidance} (--guidance): classifier-free guidance contrasts a prompt with its "
+                "absence, and this request has no prompts (unconditional ELF generation); drop --guidance or leave it "
+                "at 1"
             )
 
     def _check_prompts(self, num_samples: int, prompts: list[list[int]] | None) -> None:

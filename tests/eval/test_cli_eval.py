@@ -70,7 +70,7 @@ def test_conditional_elf_is_scored_with_bleu_and_rouge(seq2seq_run: Path, tmp_pa
     metrics = out["results"][0]["metrics"]
     assert set(metrics) == {"bleu", "rouge1", "rouge2", "rougeL"}
     assert all(0 <= v <= 100 for v in metrics.values())
-    assert out["sampler"]["cfg"] == 2.0 and out["sampler"]["sampler"] == "euler"
+    assert out["sampler"]["guidance"] == 2.0 and out["sampler"]["sampler"] == "euler"
     samples = [json.loads(line) for line in (tmp_path / "o" / "samples.jsonl").read_text().splitlines()]
     assert [s["prompt"] for s in samples] == ["assert", "import"] and samples[0]["target"] == rows[0]["target"]
 

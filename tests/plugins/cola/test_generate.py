@@ -31,11 +31,11 @@ from cdlm_cola.vae import ColaTextVAE
 from conftest import shared_path
 from parity import pin_reference_sinusoid
 
-GREEDY = {"temperature": 0.0, "cfg": 7.0, "steps": 16, "max_new_tokens": 16}
+GREEDY = {"temperature": 0.0, "guidance": 7.0, "steps": 16, "max_new_tokens": 16}
 RUNS: dict[str, tuple[int | None, dict[str, Any]]] = {  # run → (per-sample noise seed, sample settings)
     "greedy_cfg7_perSampleSeed66": (66, GREEDY),
     "greedy_cfg7_globalSeed0": (None, GREEDY),
-    "sampled_t0.8_k50_p0.9_rep1.1": (None, {"temperature": 0.8, "cfg": 3.0, "steps": 8, "max_new_tokens": 12}),
+    "sampled_t0.8_k50_p0.9_rep1.1": (None, {"temperature": 0.8, "guidance": 3.0, "steps": 8, "max_new_tokens": 12}),
 }
 LATENT_ATOL = 1e-4  # free-running: 16 Euler steps × blocks accumulate (fixture README)
 
@@ -138,7 +138,7 @@ def test_generation_matches_reference(
 ) -> None:
     seed, sample = RUNS[run]
     kwargs = meta[f"gen/{run}/kwargs"]
-    assert kwargs["guidance_scale"] == sample["cfg"] and kwargs["timestep_num"] == sample["steps"]
+    assert kwargs["guidance_scale"] == sample["guidance"] and kwargs["timestep_num"] == sample["steps"]
     pipe = pipeline(nets, seed) if path == "fast" else pipeline(nets, seed, "two_pass", planning="per_call")
     out, blocks = generate(pipe, prompts, settings(**sample))
     context = fx[f"gen/{run}/context_ids"]  # (B, blocks·bs), prompt tails included
@@ -297,7 +297,7 @@ def test_interleaved_generations_on_one_model_match_sequential_ones(nets: Any, p
     pipe = pipeline(nets, 66)
     requests = [
         (prompts, settings(**GREEDY), [7, "q-12", 3]),
-        (prompts[:0:-1], settings(**{**GREEDY, "cfg": 3.0, "max_new_tokens": 12, "batch_size": 1}), None),
+        (prompts[:0:-1], settings(**{**GREEDY, "guidance": 3.0, "max_new_tokens": 12, "batch_size": 1}), None),
     ]
     alone = [generate(pipe, p, s, ids) for p, s, ids in requests]
     runs = [lambda then, r=r: generate(pipe, r[0], r[1], r[2], then) for r in requests]

@@ -54,7 +54,7 @@ def test_release_recipe_has_the_paper_parameter_counts() -> None:
     assert set(method.trainable) == {"vae", "dit"} and set(method.frozen) == {"ref_vae"}  # stage: joint
     assert len(method.modules()["dit"].state_dict()) == 446 and len(method.modules()["vae"].state_dict()) == 133
     s = cfg.sample
-    assert (s.steps, s.sampler, s.grid, s.cfg, s.temperature, s.max_new_tokens) == (
+    assert (s.steps, s.sampler, s.grid, s.guidance, s.temperature, s.max_new_tokens) == (
         16,
         "euler",
         "uniform",
@@ -153,7 +153,7 @@ def test_official_weights_sample_without_training(tmp_path: Any) -> None:
     """The `cdlm sample --recipe … --set model.pretrained_*=DIR --set data.tokenizer=…/tokenizer.json` path."""
     tokenizer_file = str(shared_path("fixtures", "cola", "tokenizer.json"))
     meta = json.loads(shared_path("fixtures", "cola", "generate_fp32.json").read_text())
-    sample = {"sampler": "euler", "grid": "uniform", "steps": 16, "cfg": 7.0, "max_new_tokens": 16,
+    sample = {"sampler": "euler", "grid": "uniform", "steps": 16, "guidance": 7.0, "max_new_tokens": 16,
               "repetition_penalty": 1.1}  # fmt: skip
     cfg = config({**fixture_dirs(), "per_sample_noise_seed": 66}, data={"tokenizer": tokenizer_file}, sample=sample)
     method = cdlm.build(cfg)

@@ -57,7 +57,7 @@ def replay(parts, case: dict[str, Tensor], cond: ElfCond, settings: ElfSampleCon
     torch.testing.assert_close(z0, case["z_init"], rtol=0, atol=cfg.noise_scale * RANDN_ATOL)  # Box–Muller: parity.py
     steps: list[StepInfo] = []
     out = rollout(
-        guided(elf_denoise_fn(denoiser, schedule), cond, settings.cfg),
+        guided(elf_denoise_fn(denoiser, schedule), cond, settings.guidance),
         case["z_init"],
         case["t_steps"],
         settings,
@@ -73,7 +73,7 @@ def replay(parts, case: dict[str, Tensor], cond: ElfCond, settings: ElfSampleCon
 
 def test_sde_rollout_matches_reference(parts) -> None:
     case, meta = load_case("sample_sde")
-    settings = ElfSampleConfig(sampler="sde", steps=16, churn=1.5, self_cond_scale=3.0, cfg=1.0)
+    settings = ElfSampleConfig(sampler="sde", steps=16, churn=1.5, self_cond_scale=3.0, guidance=1.0)
     noise = torch.Generator().manual_seed(3)
     torch.randn(case["z_init"].shape, generator=noise)  # z₀
     for i in range(2, 17):  # then one ε per SDE step, in order
@@ -92,7 +92,7 @@ def test_sde_rollout_matches_reference(parts) -> None:
 
 def test_ode_cfg_conditional_rollout_matches_reference(parts) -> None:
     case, _ = load_case("sample_ode_cond")
-    settings = ElfSampleConfig(sampler="euler", steps=16, cfg=2.0, self_cond_scale=2.0)
+    settings = ElfSampleConfig(sampler="euler", steps=16, guidance=2.0, self_cond_scale=2.0)
     mask = case["cond_seq_mask"].bool()
     cond = ElfCond(torch.full((3,), 2.0), case["cond_seq"], mask)
     out, trajectory, ids = replay(parts, case, cond, settings, seed=4)
@@ -123,7 +123,7 @@ def test_pipeline_encodes_sources_as_the_reference_condition(parts) -> None:
     assert err < ATOL
     torch.testing.assert_close(cond.sc_scale, torch.full((3,), 2.0))
 
-    settings = ElfSampleConfig(num_samples=3, batch_size=2, sampler="euler", steps=4, cfg=2.0, self_cond_scale=2.0)
+    settings = ElfSampleConfig(num_samples=3, batch_size=2, sampler="euler", steps=4, guidance=2.0, self_cond_scale=2.0)
     output = pipeline(GenerateRequest(3, sources, settings), torch.Generator().manual_seed(0))
     assert output.nfe == 2 * (4 + 1)
     assert [len(row) for row in output.ids] == [32 - len(s) for s in sources]
