@@ -85,7 +85,7 @@ def eager_embedder(embedder: T5Embedder) -> T5Embedder:
         return stack.final_layer_norm(h)
 
     view = copy.copy(embedder)
-    view._last_hidden_state = types.MethodType(hidden, view)
+    view.hidden_states = types.MethodType(hidden, view)
     return view
 
 

@@ -7,6 +7,7 @@ and, in its final step, decodes to tokens. Spec: ``shared/specs/elf.md``.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from cdlm.config import RunConfig
 from cdlm.interfaces import Method, MethodSpec, Objective
@@ -14,6 +15,7 @@ from cdlm.training.distill import Teacher
 from cdlm_elf.config import ElfConfig, ElfSampleConfig, check_run
 from cdlm_elf.distill import ElfDistillObjective
 from cdlm_elf.embedder import T5Embedder
+from cdlm_elf.encoder_pretraining import MaskedLMObjective, trainable_encoder
 from cdlm_elf.model import ElfDecoder, ElfDenoiser, ElfTransformer
 from cdlm_elf.objective import ElfObjective
 from cdlm_elf.pipeline import ElfPipeline
@@ -31,6 +33,11 @@ def build(config: RunConfig) -> Method:
     objective: Objective = ElfObjective(cfg, embedder, network, schedule, pad_token=pad_token)
     if cfg.distill is not None:  # a progressive-distillation student (spec §8); the teacher is read on first use
         objective = ElfDistillObjective(cfg, embedder, network, schedule, Teacher(cfg.distill), pad_token=pad_token)
+    trainable: dict[str, nn.Module] = {"network": network}
+    frozen: dict[str, nn.Module] = {"embedder": embedder}
+    if cfg.stage == "encoder":  # a first stage that pretrains the encoder (masked LM) when none is at hand
+        objective = MaskedLMObjective(cfg, trainable_encoder(embedder))
+        trainable, frozen = frozen, trainable
     return Method(
         embedder=embedder,
         denoiser=denoiser,
@@ -48,8 +55,8 @@ def build(config: RunConfig) -> Method:
             conditional=config.data.source_field is not None,
         ),
         vocab_size=cfg.vocab_size,
-        trainable={"network": network},
-        frozen={"embedder": embedder},
+        trainable=trainable,
+        frozen=frozen,
     )
 
 

@@ -27,6 +27,13 @@ class EncoderConfig(Section):
     d_kv: PositiveInt = 64
     d_ff: PositiveInt = 2048
     seed: int = 0
+    mlm_mask_prob: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="give the encoder a masked-LM head, trained in a first recipe stage (model.stage: encoder) when "
+        "no pretrained encoder is at hand: this share of tokens is replaced by [MASK], the last encoder id",
+    )
 
 
 class ElfConfig(Section):
@@ -66,6 +73,11 @@ class ElfConfig(Section):
     label_drop_prob: float = Field(0.0, ge=0.0, le=1.0)
     # progressive distillation (spec §8): set to train this network as a student of a frozen teacher
     distill: DistillConfig | None = None
+    stage: Literal["flow", "encoder"] = Field(
+        "flow",
+        description="flow: train the network on the frozen encoder (ELF); encoder: pretrain the encoder by masked LM "
+        "(needs encoder.mlm_mask_prob; not in the paper, which starts from a pretrained T5)",
+    )
 
 
 class ElfSampleConfig(FlowSampleConfig):
@@ -113,6 +125,18 @@ def check_run(config: RunConfig) -> list[tuple[tuple[str, ...], str]]:
                     f"reads; set data.vocab_size to at most {size} (or raise {field})",
                 )
             )
+    if cfg.stage == "encoder" and cfg.encoder.mlm_mask_prob is None:
+        problems.append(
+            (("model.stage", "model.encoder.mlm_mask_prob"), "encoder needs model.encoder.mlm_mask_prob (e.g. 0.15)")
+        )
+    if cfg.encoder.mlm_mask_prob is not None and cfg.encoder.vocab_size <= cfg.vocab_size:
+        problems.append(
+            (
+                ("model.encoder.vocab_size", "model.vocab_size"),
+                f"{cfg.encoder.vocab_size}: a masked-LM encoder needs one id past the model.vocab_size "
+                f"{cfg.vocab_size} tokens for [MASK]; set it to {cfg.vocab_size + 1}",
+            )
+        )
     for name in ("pad_id", "eos_id"):
         value = getattr(cfg, name)
         if value >= cfg.vocab_size:

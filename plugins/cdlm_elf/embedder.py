@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import T5Config, T5EncoderModel
 from transformers.models.t5.modeling_t5 import T5Attention
 
@@ -37,6 +37,10 @@ def encoder_mask(mask: Tensor, cond_mask: Tensor, drop: Tensor | None = None) ->
 class T5Embedder(Embedder):
     """A frozen ``transformers.T5EncoderModel``: pretrained (``encoder.pretrained``) or random from ``encoder.seed``.
 
+    With ``encoder.mlm_mask_prob`` it also has ``mlm_head``, a linear map from the encoder's output to
+    ``model.vocab_size`` token logits: ELF's ``stage: encoder`` trains the two by masked LM, then later stages
+    freeze them (:class:`~cdlm_elf.encoder_pretraining.MaskedLMObjective`).
+
     Args:
         cfg: the ELF model config; reads ``encoder``, ``latent_dim`` (must equal d_model), ``latent_mean``
             and ``latent_std``.
@@ -57,6 +61,12 @@ class T5Embedder(Embedder):
         self.t5.requires_grad_(False)
         self.t5.eval()
         self.latent_mean, self.latent_std = cfg.latent_mean, cfg.latent_std
+        self.mlm_head: nn.Linear | None = None
+        if cfg.encoder.mlm_mask_prob is not None:
+            with torch.random.fork_rng(devices=[]):  # nn.Linear draws from the global RNG; keep it untouched
+                torch.manual_seed(cfg.encoder.seed + 1)
+                self.mlm_head = nn.Linear(d_model, cfg.vocab_size)
+            self.mlm_head.requires_grad_(False)
 
     def train(self, mode: bool = True) -> T5Embedder:
         """Keep the frozen encoder in eval mode (no dropout) whatever the surrounding module's mode."""
@@ -79,10 +89,14 @@ class T5Embedder(Embedder):
         Returns:
             (B, L, C) fp32 latents.
         """
-        hidden = self._last_hidden_state(ids, mask3d)  # (B, L, C)
+        hidden = self.hidden_states(ids, mask3d)  # (B, L, C)
         return (hidden.float() - self.latent_mean) / self.latent_std
 
-    def _last_hidden_state(self, ids: Tensor, mask3d: Tensor) -> Tensor:
+    def hidden_states(self, ids: Tensor, mask3d: Tensor) -> Tensor:
+        """Return the encoder's last hidden state (B, L, C) of ids (B, L) under a 3-D mask (B, L, L), unnormalised.
+
+        Differentiable: masked-LM pretraining calls it with the encoder trainable.
+        """
         # transformers >= 4.45 T5Stack takes only 2-D masks, so the 3-D mask is folded into the relative-position
         # bias that every layer shares, as transformers 4.44 did: bias + (1 − M)·finfo.min. The blocks are run
         # here, attention through SDPA (fused on CPU and GPU) instead of T5's eager softmax(q·kᵀ + bias)·v.
