@@ -143,7 +143,7 @@ def child_prepare(corpus: Path, cache: Path, run_dir: Path, num_proc: int) -> di
 def child_train(corpus: Path, cache: Path, run_dir: Path, num_proc: int, launched: float) -> dict[str, float]:
     """A warm 2-step training run in this (fresh) process; times are from ``launched`` (the parent's clock)."""
     from cdlm import load_recipe
-    from cdlm.runs import train
+    from cdlm.api import train
 
     config = load_recipe(
         "elf-tiny", [*overrides(corpus, cache, num_proc), "train.steps=2", "train.log_every=1", "train.save_every=2"]

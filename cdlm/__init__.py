@@ -20,7 +20,7 @@ from cdlm.errors import CdlmError
 from cdlm.recipes import list_recipes, load_recipe
 
 if TYPE_CHECKING:
-    from cdlm.runs import (
+    from cdlm.api import (
         Pretrained,
         Sample,
         build,
@@ -48,7 +48,7 @@ _RUNS = (
 def __getattr__(name: str) -> Any:
     # The run API pulls in datasets and transformers; load it on first use so `cdlm recipes` starts fast.
     if name in _RUNS:
-        return getattr(import_module("cdlm.runs"), name)
+        return getattr(import_module("cdlm.api"), name)
     raise AttributeError(f"module 'cdlm' has no attribute {name!r}")
 
 

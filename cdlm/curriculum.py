@@ -16,12 +16,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cdlm.api import train as train_run
 from cdlm.config import RunConfig
 from cdlm.data.tokenize import TOKENIZER_FILE
 from cdlm.errors import RecipeError
 from cdlm.loading import read_source
 from cdlm.recipes import load_recipe, raw_config, with_overrides
-from cdlm.runs import train as train_run
 from cdlm.training.distill import DistillConfig
 from cdlm.training.loop import TrainResult
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
+from cdlm.api import Pretrained, Sample, sample
 from cdlm.config import SampleConfig
 from cdlm.interfaces import GenerateOutput, GenerateRequest, Pipeline
 from cdlm.recipes import raw_config, with_overrides
-from cdlm.runs import Pretrained, Sample, sample
 from cdlm.sampling.types import StepCallback
 
 

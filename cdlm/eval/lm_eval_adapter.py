@@ -20,8 +20,8 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from cdlm.api import load_pretrained, sample
 from cdlm.errors import DataError
-from cdlm.runs import load_pretrained, sample
 
 
 def cut_at(text: str, until: list[str]) -> str:

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cdlm.api import Pretrained
 from cdlm.eval.gen_ppl import Judge
 from cdlm.recipes import raw_config
-from cdlm.runs import Pretrained
 
 PACKAGES = (
     "cdlm",

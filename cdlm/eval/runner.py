@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from cdlm.api import Pretrained, load_pretrained
 from cdlm.config import RunConfig
 from cdlm.errors import DataError
 from cdlm.eval import cola_prompts, cola_scoring, inputs, record, sweep, text_metrics
@@ -27,7 +28,6 @@ from cdlm.eval.entropy import mean_entropy
 from cdlm.eval.gen_ppl import Judge, JudgeDtype, generative_perplexity, judge_tokens, load_judge
 from cdlm.eval.generate import Generation, generate
 from cdlm.recipes import raw_config, with_overrides
-from cdlm.runs import Pretrained, load_pretrained
 from cdlm.sampling.types import StepCallback
 
 METRICS = ("gen_ppl", "entropy", "mauve", "bleu", "rouge", "accuracy")
