@@ -13,7 +13,9 @@ Per batch of ``settings.batch_size`` rows, :class:`FlowPipeline`
 Every draw comes from the one explicit generator, in this order per batch: the grid, z₀, the per-step SDE
 noise, then token sampling when the temperature is positive. A method changes only what differs by overriding
 those hooks (and :meth:`~FlowPipeline.check`, :meth:`~FlowPipeline.constrain`); ELF (:mod:`cdlm_elf.pipeline`)
-pins its condition positions, carries SC-CFG in its conditioning, decodes greedily and cuts rows at EOS.
+pins its condition positions, carries SC-CFG in its conditioning, decodes greedily and cuts rows at EOS. Cola
+(:mod:`cdlm_cola.generate`) replaces the batch step (:meth:`~FlowPipeline.generate_batch`) by a loop over blocks,
+each integrated and decoded through the same hooks.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from pydantic import Field, NonNegativeFloat, PositiveFloat
+from pydantic import AliasChoices, Field, NonNegativeFloat, PositiveFloat
 from torch import Tensor
 
 from cdlm.config import SampleConfig
@@ -62,7 +64,11 @@ class FlowSampleConfig(SampleConfig):
     grid_std: PositiveFloat = Field(0.8, description="logit-normal grid scale (ELF spec §4.1)")
     grid_shift: PositiveFloat = Field(1.0, description="shifted grid: > 1 spends more steps near the noise end")
     churn: NonNegativeFloat = Field(0.0, description="SDE γ: back-off per unit time (sampler: sde, ELF spec §4.3)")
-    guidance: float = Field(1.0, description="classifier-free guidance scale; 1 disables it")
+    guidance: float = Field(
+        1.0,
+        validation_alias=AliasChoices("guidance", "cfg"),  # cfg: its name in run configs saved before the rename
+        description="classifier-free guidance scale; 1 disables it",
+    )
 
 
 def time_grid(settings: FlowSampleConfig, generator: torch.Generator) -> Tensor:
@@ -165,31 +171,42 @@ class FlowPipeline(Pipeline):
             PluginError: the settings are not a :class:`FlowSampleConfig`.
         """
         self.check(request)
-        settings = request.settings
-        noise_scale = self.schedule.noise_scale
         ids: list[list[int]] = []
         nfe = 0
-        for start in range(0, request.num_samples, settings.batch_size):
-            size = min(settings.batch_size, request.num_samples - start)
-            prompts = None if request.prompts is None else request.prompts[start : start + size]
-            cond = self.condition(size, prompts, settings)
-            grid = time_grid(settings, generator)
-            shape = (size, *self.latent_shape)  # (B, N, C)
-            z0 = noise_scale * torch.randn(shape, generator=generator, device=generator.device)
-            out = rollout(
-                self.predictor(cond, settings),
-                z0.to(self.device()),
-                grid,
-                settings,
-                noise_scale=noise_scale,
-                generator=generator,
-                constrain=self.constrain(cond),
-                on_step=on_step,
-            )
-            tokens = self.decode(out.z, cond, settings, generator).cpu()  # (B, L)
-            ids.extend(self.postprocess(tokens, prompts))
-            nfe += out.nfe + self.decoder_calls
+        for start in range(0, request.num_samples, request.settings.batch_size):
+            rows = slice(start, min(start + request.settings.batch_size, request.num_samples))
+            batch_ids, batch_nfe = self.generate_batch(request, rows, generator, on_step)
+            ids.extend(batch_ids)
+            nfe += batch_nfe
         return GenerateOutput(ids=ids, nfe=nfe)
+
+    def generate_batch(
+        self, request: GenerateRequest, rows: slice, generator: torch.Generator, on_step: StepCallback | None
+    ) -> tuple[list[list[int]], int]:
+        """Generate the rows ``rows`` of ``request`` as one batch (steps 1–5 of the module docstring).
+
+        Returns:
+            One list of ids per row, and the network evaluations spent: the prediction calls plus
+            :attr:`decoder_calls`.
+        """
+        settings, size = request.settings, rows.stop - rows.start
+        prompts = None if request.prompts is None else request.prompts[rows]
+        cond = self.condition(size, prompts, settings)
+        grid = time_grid(settings, generator)
+        shape = (size, *self.latent_shape)  # (B, N, C)
+        z0 = self.schedule.noise_scale * torch.randn(shape, generator=generator, device=generator.device)
+        out = rollout(
+            self.predictor(cond, settings),
+            z0.to(self.device()),
+            grid,
+            settings,
+            noise_scale=self.schedule.noise_scale,
+            generator=generator,
+            constrain=self.constrain(cond),
+            on_step=on_step,
+        )
+        tokens = self.decode(out.z, cond, settings, generator).cpu()  # (B, L)
+        return self.postprocess(tokens, prompts), out.nfe + self.decoder_calls
 
     def check(self, request: GenerateRequest) -> None:
         """Refuse a request this pipeline cannot serve, before any work.

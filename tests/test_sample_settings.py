@@ -170,3 +170,10 @@ def test_a_flag_the_method_does_not_use_names_the_method_and_its_flags() -> None
         "--ema/--raw-weights",
     ]
     flags.check_used(cdlm.load_recipe("cola-tiny"), given, tuple(flags.SAMPLE_FLAGS))  # Cola uses both
+
+
+@pytest.mark.parametrize("recipe", ["elf-seq2seq-tiny", "cola-tiny"])
+def test_run_configs_saved_before_the_guidance_rename_still_load(recipe: str) -> None:
+    raw = yaml.safe_load(to_yaml(cdlm.load_recipe(recipe)))
+    raw["sample"]["cfg"] = raw["sample"].pop("guidance")  # how config.yaml files said it before
+    assert validate(raw).sample.guidance == cdlm.load_recipe(recipe).sample.guidance

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
+    AliasChoices,
     Field,
     NonNegativeFloat,
     NonNegativeInt,
@@ -272,7 +273,9 @@ class ColaSampleConfig(SampleConfig):
     )
     grid: Literal["uniform"] = Field("uniform", description="the reference's uniform grid, T → 0 (Cola spec §5)")
     guidance: float = Field(
-        7.0, description="classifier-free guidance scale (the reference's guidance_scale, Cola spec §5); 1 disables it"
+        7.0,
+        validation_alias=AliasChoices("guidance", "cfg"),  # cfg: its name in run configs saved before the rename
+        description="classifier-free guidance scale (the reference's guidance_scale, Cola spec §5); 1 disables it",
     )
     max_new_tokens: PositiveInt = Field(
         32, description="tokens to generate per prompt, rounded up to whole blocks (Cola spec §6.1 step 7.7)"
