@@ -13,6 +13,8 @@ process:
 - ``history="recompute"``: no KV cache; the networks re-run every sample's whole clean history at every call
   (``planning`` does not apply); ``"kv_cache"``: the library's.
 
+They override the pipeline's hooks: ``start`` (the state: KV caches or recomputed histories), ``denoise`` (the
+core's default, the DiT without a plan, for ``per_call``) and ``predictor`` (two CFG passes).
 tests/plugins/cola/test_generate.py checks these paths against the library's and the reference's traced runs.
 """
 
@@ -25,7 +27,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from cdlm.sampling.guidance import classifier_free, combine, conditional
+from cdlm.pipeline import FlowPipeline
+from cdlm.sampling.guidance import combine, conditional
 from cdlm.sampling.types import DenoiseFn, PredictFn, Prediction
 from cdlm_cola.components import (
     DATA_TIME,
@@ -35,9 +38,9 @@ from cdlm_cola.components import (
     ColaEmbedder,
     ColaGenerationState,
 )
-from cdlm_cola.config import ColaConfig
+from cdlm_cola.config import ColaConfig, ColaSampleConfig
 from cdlm_cola.dit import ColaDiT
-from cdlm_cola.generate import ColaPipeline
+from cdlm_cola.generate import ColaPipeline, guidance_scale
 from cdlm_cola.schedule import ColaSchedule
 from cdlm_cola.vae import ColaTextVAE
 
@@ -84,21 +87,17 @@ class ReferencePipeline(ColaPipeline):
             return RecomputedHistory(self.denoiser, self.decoder, prefix)
         return super().start(prefix)
 
-    def denoise_fn(self) -> DenoiseFn:
+    def denoise(self, z: Tensor, t: Tensor, x_prev: Tensor, cond: ColaCond) -> Prediction:
         if self.history == "recompute":
-            return lambda z, t, x_prev, cond: self.schedule.predict(
-                recomputed_velocity(self.denoiser, z, t, cond), z, t
-            )
+            return self.schedule.predict(recomputed_velocity(self.denoiser, z, t, cond), z, t)
         if self.planning == "per_call":
-            return lambda z, t, x_prev, cond: self.schedule.predict(self.denoiser(z, t, cond), z, t)
-        return super().denoise_fn()
+            return FlowPipeline.denoise(self, z, t, x_prev, cond)  # the core's: the DiT at every call, no plan
+        return super().denoise(z, t, x_prev, cond)
 
-    def guide(self, denoise: DenoiseFn, cond: ColaCond, scale: float | Tensor) -> PredictFn:
-        return (
-            two_pass_cfg(denoise, cond, scale)
-            if self.cfg_batching == "two_pass"
-            else classifier_free(denoise, cond, scale)
-        )
+    def predictor(self, cond: ColaCond, settings: ColaSampleConfig) -> PredictFn:
+        if self.cfg_batching == "two_pass":
+            return two_pass_cfg(self.denoise, cond, guidance_scale(cond, settings.guidance))
+        return super().predictor(cond, settings)
 
 
 def two_pass_cfg(denoise: DenoiseFn, cond: ColaCond, scale: float | Tensor) -> PredictFn:
@@ -121,6 +120,8 @@ def two_pass_cfg(denoise: DenoiseFn, cond: ColaCond, scale: float | Tensor) -> P
 class RecomputeCond(ColaCond):
     """Rows whose clean histories are re-run at every call instead of read from a KV cache.
 
+    ``cached`` holds each row's history length, as a cached row's does, but nothing is read from a cache.
+
     Attributes:
         context: per row, its clean history latents (h_i, C) (h_i = 0 for a fresh row).
     """
@@ -142,7 +143,8 @@ class RecomputedHistory(ColaGenerationState):
         self.history = list(prefix)
 
     def cond(self, pinned: Tensor | None = None, clean: Tensor | None = None) -> RecomputeCond:
-        return RecomputeCond((None,) * len(self.history), None, pinned, clean, tuple(self.history))
+        lengths = tuple(h.shape[0] for h in self.history)
+        return RecomputeCond(lengths, self, pinned, clean, tuple(self.history))
 
     def decode(self, z: Tensor) -> Tensor:
         return recomputed_logits(self.decoder, z, self.cond())

@@ -16,7 +16,9 @@ from collections.abc import Callable
 
 import torch
 
+from cdlm_cola.config import ColaConfig
 from cdlm_cola.objective_flow import NOISY, TwoLayout, two_layout
+from cdlm_cola.schedule import ColaSchedule
 
 GROUP = 4  # the previous SAMPLES_PER_CALL
 LATENTS = 64  # latents per sample: 16 blocks of 4, a 2L row of 128
@@ -25,11 +27,11 @@ LATENTS = 64  # latents per sample: 16 blocks of 4, a 2L row of 128
 def layout_of(batch: int, channels: int, block_size: int) -> TwoLayout:
     """A fixed-length 2L training batch: random latents, noise and τ, every latent noisy and trained."""
     g = torch.Generator().manual_seed(batch)
-    z0 = [torch.randn(LATENTS, channels, generator=g) for _ in range(batch)]
-    z1 = [torch.randn(LATENTS, channels, generator=g) for _ in range(batch)]
-    states = [torch.full((LATENTS,), NOISY) for _ in range(batch)]
-    valid = [torch.ones(LATENTS, dtype=torch.bool) for _ in range(batch)]
-    return two_layout(z0, z1, torch.rand(batch, generator=g), states, valid, [block_size] * batch, 1000.0)
+    z0 = torch.cat([torch.randn(LATENTS, channels, generator=g) for _ in range(batch)])
+    z1 = torch.cat([torch.randn(LATENTS, channels, generator=g) for _ in range(batch)])
+    states, valid = torch.full((batch * LATENTS,), NOISY), torch.ones(batch * LATENTS, dtype=torch.bool)
+    tau, lens, sizes = torch.rand(batch, generator=g), [LATENTS] * batch, [block_size] * batch
+    return two_layout(z0, z1, tau, states, valid, lens, sizes, ColaSchedule(ColaConfig()))
 
 
 def grouped(batch: TwoLayout, dit: torch.nn.Module) -> torch.Tensor:
@@ -50,13 +52,13 @@ def steps(dit: torch.nn.Module, size: int) -> dict[str, Callable[[], float]]:
     """One timed training step (forward, loss, backward) per path at batch ``size``; each returns its seconds."""
     batch = layout_of(size, dit.config.txt_in_channels, dit.config.block_size)
     paths = {"reference": lambda: grouped(batch, dit), "cdlm": lambda: batch.run(dit)}
-    losses = {name: batch.loss(run()).item() for name, run in paths.items()}
+    losses = {name: batch.term(run()).mean().item() for name, run in paths.items()}
     assert abs(losses["cdlm"] - losses["reference"]) <= 1e-6 * abs(losses["reference"]), f"losses differ: {losses}"
 
     def timed(run: Callable[[], torch.Tensor]) -> Callable[[], float]:
         def step() -> float:
             start = time.process_time()
-            batch.loss(run()).backward()
+            batch.term(run()).mean().backward()
             dit.zero_grad(set_to_none=True)
             return time.process_time() - start
 

@@ -13,7 +13,8 @@ One step of :class:`FlowMatchingObjective` (core time: t = 0 noise, t = 1 data):
 The draws (:meth:`FlowMatchingObjective.draw`) are split from the maths (:meth:`FlowMatchingObjective.loss`), so a
 recorded step replays exactly. A method changes only what differs by overriding a hook: ``draw`` (more draws, in
 its order), ``embed``, ``loss_mask``, ``condition`` or ``terms``. ELF (:mod:`cdlm_elf.objective`) adds label
-dropout to the draws and the embedding, and its decoder rows and SC-CFG target to the terms.
+dropout to the draws and the embedding, and its decoder rows and SC-CFG target to the terms. Cola
+(:mod:`cdlm_cola.objective`) overrides ``draw`` and ``loss``: per-sample block sizes and noise, and the 2L layout.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ class LossTerm:
     values: Tensor
     mask: Tensor
 
+    def mean(self) -> Tensor:
+        """Return the term's mean () over its positions, ``Σ values·mask / max(Σ mask, 1)`` (0 with none)."""
+        return (self.values * self.mask).sum() / self.mask.sum().clamp_min(1)
+
 
 def combine(terms: Mapping[str, LossTerm], loss_mask: Tensor) -> LossOutput:
     """Sum every term over its positions and divide by one denominator, the number of loss positions.
@@ -80,7 +85,7 @@ def combine(terms: Mapping[str, LossTerm], loss_mask: Tensor) -> LossOutput:
     """
     sums = {name: (term.values * term.mask).sum() for name, term in terms.items()}
     loss = sum(sums.values()) / loss_mask.sum().clamp_min(1)
-    metrics = {name: float(sums[name].detach() / term.mask.sum().clamp_min(1)) for name, term in terms.items()}
+    metrics = {name: float(term.mean().detach()) for name, term in terms.items()}
     return LossOutput(loss=loss, metrics=metrics)
 
 
@@ -96,7 +101,8 @@ class FlowMatchingObjective(Objective):
         embedder: maps a batch to its clean latents x (B, N, C).
         denoiser: the network trained to predict at (z, t).
         schedule: training times, the path and the parametrisation of the denoiser's output.
-        latent_shape: ``(N, C)`` of one row's latents: the noise drawn per row.
+        latent_shape: ``(N, C)`` of one row's latents: the noise drawn per row; None for a subclass whose
+            :meth:`draw` shapes its own noise (Cola: per sample, rows padded to the block size each draws).
         discretizer: a discretizer with trainable parameters (a learned head), trained by the cross-entropy of
             its logits of the clean latents; None when it has nothing to train (a nearest-embedding lookup).
     """
@@ -106,7 +112,7 @@ class FlowMatchingObjective(Objective):
         embedder: Embedder,
         denoiser: Denoiser,
         schedule: FlowSchedule,
-        latent_shape: tuple[int, int],
+        latent_shape: tuple[int, int] | None = None,
         *,
         discretizer: Discretizer | None = None,
     ) -> None:
@@ -141,6 +147,7 @@ class FlowMatchingObjective(Objective):
             batch: the micro-batch; ``ids`` (B, L) gives B and the device.
             generator: the only source of randomness.
         """
+        assert self.latent_shape is not None, f"{type(self).__name__} has no latent_shape: it draws its own noise"
         B, device = batch.ids.shape[0], batch.ids.device
         t = self.schedule.sample_t(B, generator).to(device)  # (B,)
         eps = torch.randn((B, *self.latent_shape), generator=generator, device=generator.device)  # (B, N, C)

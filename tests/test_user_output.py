@@ -30,7 +30,7 @@ def test_sampled_text_has_no_fragments_of_split_characters(tmp_path: Path) -> No
 def test_cola_text_ends_at_the_end_of_text_token(monkeypatch: pytest.MonkeyPatch) -> None:
     method = cdlm.build(cdlm.load_recipe("cola-tiny"))  # eos_id 1
     rows = [[5, 6, 1, 7, 8], [5, 6, 7, 8, 9]]
-    monkeypatch.setattr(method.pipeline, "_generate", lambda prompts, *args: (rows[: len(prompts)], 0))
+    monkeypatch.setattr(method.pipeline, "generate_batch", lambda request, batch, *args: (rows[batch], 0))
     settings = ColaSampleConfig(batch_size=2)
     out = method.pipeline(GenerateRequest(2, [[5], [6]], settings), torch.Generator())
     assert out.ids == rows and out.text_ends == [2, 5]

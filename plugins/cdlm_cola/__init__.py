@@ -44,7 +44,7 @@ from cdlm_cola.config import (
 )
 from cdlm_cola.dit import ColaDiT
 from cdlm_cola.generate import ColaPipeline
-from cdlm_cola.objective import ColaObjective
+from cdlm_cola.objective import objective_for
 from cdlm_cola.released import ColaOfficialRelease
 from cdlm_cola.schedule import ColaSchedule
 from cdlm_cola.state_dict import load_pretrained_dit, load_pretrained_vae
@@ -84,7 +84,7 @@ def build(config: RunConfig) -> Method:
         denoiser=denoiser,
         schedule=schedule,
         discretizer=decoder,
-        objective=ColaObjective(cfg, vae, dit, ref_vae, schedule),
+        objective=objective_for(cfg, vae, dit, ref_vae, schedule),
         pipeline=ColaPipeline(cfg, embedder=embedder, denoiser=denoiser, schedule=schedule, decoder=decoder),
         vocab_size=vae.config.vocab_size,
         trainable={k: m for k, m in modules.items() if k in trained},

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -48,6 +49,16 @@ class ColaCond:
     def __len__(self) -> int:
         return len(self.cached)
 
+    @cached_property
+    def block_plan(self) -> BlockPlan:
+        """The DiT's plan of these rows' calls (:meth:`ColaDenoiser.plan`), made at first use, then kept.
+
+        A plan holds the history as it was, so a cond is made per block (and its 2B rows per block, by
+        :meth:`with_null_rows`); every Euler step of the block reuses it.
+        """
+        assert self.state is not None, "rows without a generation state have no cache to plan against"
+        return self.state.denoiser.plan(self)
+
     def null(self) -> ColaCond:
         """Return the B unconditional rows: the same blocks with no history (spec §5 CFG, hazard H6).
 
@@ -77,8 +88,8 @@ class ColaGenerationState:
     """One batch's generation state (spec §6.1): its history in the DiT's and the VAE decoder's KV caches.
 
     Generation creates one per batch and hands it to the networks explicitly, in every cond it makes
-    (:meth:`cond`); only :meth:`decode` and :meth:`commit` extend it. Between the two the decoder's cache is
-    one block ahead of the DiT's.
+    (:meth:`cond`); only :meth:`decode` and :meth:`commit` extend the caches, and :meth:`record` the token ids.
+    Between the two the decoder's cache is one block ahead of the DiT's.
 
     Args:
         denoiser: the DiT, whose cache this holds.
@@ -91,6 +102,7 @@ class ColaGenerationState:
         dit: the DiT's cache, or None while it holds nothing.
         vae: the VAE decoder's cache, or None while it holds nothing.
         heads: the DiT's timestep table, shared by the plans of every block.
+        ids: (B, P) the token ids selected so far (the repetition penalty's history), or None before any.
     """
 
     def __init__(self, denoiser: ColaDenoiser, decoder: ColaDecoder, prefix: Sequence[Tensor]) -> None:
@@ -99,6 +111,7 @@ class ColaGenerationState:
         self.dit: KVCache | None = None
         self.vae: KVCache | None = None
         self.heads: HeadTable = {}
+        self.ids: Tensor | None = None
         if any(self.lengths):
             self.dit, self.vae = denoiser.append(prefix), decoder.append(prefix)
 
@@ -120,6 +133,10 @@ class ColaGenerationState:
         self.dit = self.denoiser.append(list(z), self.dit)
         self.lengths = [n + z.shape[1] for n in self.lengths]
         return 1
+
+    def record(self, ids: Tensor) -> None:
+        """Append a block's selected token ids (B, bs·ps) to :attr:`ids`."""
+        self.ids = ids if self.ids is None else torch.cat([self.ids, ids], dim=1)
 
 
 class ReferenceVAE(ColaTextVAE):

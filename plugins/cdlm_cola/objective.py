@@ -1,4 +1,4 @@
-"""Cola DLM's training objective (Cola spec §9): Stage 1 (VAE), Stage 2 (joint VAE + DiT) and DiT-only training.
+"""Cola DLM's training objectives (Cola spec §9): Stage 1 (VAE), Stage 2 (joint VAE + DiT) and DiT-only training.
 
 With ``λ_VAE = recon_weight``, ``β = kl_weight``, ``λ_mask = mask_weight``, ``λ_fm = fm_weight`` and
 ``λ_ref = ref_kl_weight`` (per ``model.stage``):
@@ -25,11 +25,15 @@ The paper's training code is not public, so where it is silent these choices hol
   §9.2). The VAE terms always average over real tokens only.
   ``batch.cond_mask`` marks prompt latents for ``loss_mode: sft`` (responses are the rest, padding included).
 
-Every random draw of a step is made by :meth:`ColaObjective.draw` from the step's generator and held in
-:class:`ColaDraws`, so a recorded step (the reference's torch and Python ``random`` draws alike) can be replayed
-through :meth:`ColaObjective.loss`. Training times are drawn in Cola's own time τ (1 = noise) by
-:meth:`ColaSchedule.sample_tau`, bit for bit the scripts' ``sample_timestep``, and the flow-matching maths stays
-in τ: no value goes through core time and back (see :mod:`cdlm_cola.objective_flow` for why).
+Stage 1 is not flow matching: :class:`~cdlm_cola.objective_vae.ColaVaeObjective` is the VAE terms alone. The
+flow stages are :class:`ColaObjective`, the core's :class:`~cdlm.objective.FlowMatchingObjective` extended where
+Cola differs: its draws (:class:`ColaDraws`), its latents (the VAE posterior of rows padded per sample to whole
+blocks) and its terms (the 2L layout, plus the VAE terms and the anchor in ``joint``). :func:`objective_for`
+picks the stage's. Every random draw of a step is made by ``draw`` from the step's generator, so a recorded step
+(the reference's torch and Python ``random`` draws alike) can be replayed through ``loss``. Training times are
+drawn in Cola's own time τ (1 = noise) by :meth:`ColaSchedule.sample_tau`, bit for bit the scripts'
+``sample_timestep``, and the flow-matching maths stays in τ: no value goes through core time and back (see
+:mod:`cdlm_cola.objective_flow` for why).
 """
 
 from __future__ import annotations
@@ -37,175 +41,125 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cdlm.errors import RecipeError
 from cdlm.interfaces import LossOutput, Objective, TokenBatch
-from cdlm_cola.components import ReferenceVAE
+from cdlm.objective import FlowDraws, FlowMatchingObjective, LossTerm, combine
+from cdlm_cola.components import ColaDenoiser, ColaEmbedder, ReferenceVAE
 from cdlm_cola.config import ColaConfig
 from cdlm_cola.dit import ColaDiT
-from cdlm_cola.objective_flow import role_states, sample_groups, two_layout, with_prompt_blocks
-from cdlm_cola.objective_vae import kl_between, kl_to_standard_normal, mask_tokens, masked_mean, neg_entropy
+from cdlm_cola.objective_flow import SAMPLES_PER_CALL, role_states, two_layout, with_prompt_blocks
+from cdlm_cola.objective_vae import (
+    ColaVaeObjective,
+    PaddedRows,
+    VaeDraws,
+    VaeTerms,
+    draw_normal,
+    draw_uniform,
+    kl_between,
+    reparameterised,
+    require_posterior,
+)
 from cdlm_cola.schedule import ColaSchedule
-from cdlm_cola.vae import ColaTextVAE, Posterior, VaeEncoding, posterior
-
-SAMPLES_PER_CALL = 4
-"""Samples per VAE call, and per DiT call when lengths differ: NA attention is dense over a call's samples, so
-small groups keep a step linear in the batch size (same numbers as one call; see
-:func:`~cdlm_cola.objective_flow.sample_groups`). DiT samples of equal length run as one batch instead
-(:meth:`~cdlm_cola.objective_flow.TwoLayout.run`)."""
+from cdlm_cola.vae import ColaTextVAE
 
 
 @dataclass(frozen=True)
-class FlowDraws:
-    """The random draws of the flow-matching term, per sample i of the batch.
+class ColaDraws(FlowDraws):
+    """Every random draw of one flow-matching step, in draw order.
+
+    The order: ``block_index``, ``vae``, ``t``, ``eps``, ``prompt_use``, ``prompt_split``.
 
     Attributes:
-        block_index: (B,) int64 index into the training block sizes (drawn first: it fixes the shapes below).
-        tau: (B,) Cola times τ (1 noise, 0 data), as :meth:`ColaSchedule.sample_tau` draws them (no round trip).
-        z1: per sample (n_i, d) N(0, 1) noise.
+        t: (B,) training times in Cola's own time τ (1 noise, 0 data), as :meth:`ColaSchedule.sample_tau` draws
+            them: the 2L layout reads them as they are (no round trip through core time).
+        eps: (Σn_i, d) N(0, 1) noise z_1 of the samples' latents, sample after sample, drawn per sample (a row's
+            n_i latents follow from its block size).
+        block_index: (B,) int64 index into the training block sizes (drawn first: it fixes the padded lengths).
+        vae: the VAE's draws for the padded rows: posterior noise (``joint``, or ``vae_mode: sample``), masking
+            (``joint`` with ``L_mask``).
         prompt_use: per sample (n_i / bs_i,) U[0, 1) prompt-block draws, or None when ``prompt_block_prob`` is 0.
         prompt_split: per sample (n_i / bs_i,) int64 clean-prefix lengths, uniform on ``[1, bs_i − 1]``.
     """
 
     block_index: Tensor
-    tau: Tensor
-    z1: list[Tensor]
+    vae: VaeDraws
     prompt_use: list[Tensor] | None
     prompt_split: list[Tensor] | None
 
 
-@dataclass(frozen=True)
-class ColaDraws:
-    """Every random draw of one training step, in draw order; None where the stage draws nothing.
+class ColaObjective(FlowMatchingObjective):
+    """The loss of Cola's flow stages, ``joint`` and ``dit`` (see the module docstring), over token rows.
 
-    Attributes:
-        flow: the flow-matching draws (stages ``joint`` and ``dit``).
-        posterior_eps: per sample (n_i, d) N(0, 1) noise of the posterior sample ``μ + σ·ε``; None when no
-            sample is needed (``dit`` stage with ``vae_mode: mode``).
-        mask_u: per sample (L_i,) U[0, 1) token-masking draws (stages ``vae`` and ``joint`` with L_mask).
-        mask_eps: per sample (n_i, d) N(0, 1) posterior noise of the masked copy.
-    """
-
-    flow: FlowDraws | None
-    posterior_eps: list[Tensor] | None
-    mask_u: list[Tensor] | None
-    mask_eps: list[Tensor] | None
-
-
-@dataclass(frozen=True)
-class _Rows:
-    """The batch as per-sample rows padded to their block multiple: ids, real-token and prompt masks (L_i,)."""
-
-    ids: list[Tensor]
-    valid: list[Tensor]
-    cond: list[Tensor]
-
-    @staticmethod
-    def pad(batch: TokenBatch, multiples: list[int], pad_id: int) -> _Rows:
-        """Pad row i of ``batch`` with ``pad_id`` (not real, not prompt) to a multiple of ``multiples[i]``."""
-        L = batch.ids.shape[1]
-        ids, valid, cond = [], [], []
-        for i, m in enumerate(multiples):
-            extra = -L % m
-            ids.append(F.pad(batch.ids[i], (0, extra), value=pad_id))  # (L_i,)
-            valid.append(F.pad(batch.mask[i], (0, extra), value=False))
-            cond.append(F.pad(batch.cond_mask[i], (0, extra), value=False))
-        return _Rows(ids, valid, cond)
-
-    def per_latent(self, patch_size: int) -> tuple[list[Tensor], list[Tensor]]:
-        """Return per sample (n_i,) bool: latents with a real token, latents made of prompt tokens only."""
-        valid = [v.view(-1, patch_size).any(dim=-1) for v in self.valid]
-        cond = [c.view(-1, patch_size).all(dim=-1) for c in self.cond]
-        return valid, cond
-
-
-class ColaObjective(Objective):
-    """The Cola training loss of ``cfg.stage`` over a batch of token rows (see the module docstring).
+    The core's step stays: draw, then the loss of the draws; the flow term is a per-latent
+    :class:`~cdlm.objective.LossTerm` (reduced by the core's :func:`~cdlm.objective.combine` in ``dit``) against
+    the schedule's target. What Cola changes: :meth:`draw` (block sizes, the VAE's draws, τ, per-sample noise,
+    prompt blocks) and :meth:`loss` (rows padded per sample, the VAE posterior as latents, the 2L layout, and in
+    ``joint`` the VAE terms and the anchor). Training runs the networks in its own layouts (the VAE a few samples
+    per call, the DiT on 2L rows), not through the ``embedder`` and ``denoiser`` the core keeps.
 
     Args:
         cfg: the Cola model section (stage, loss weights, time distribution, block sizes, token ids).
-        vae: the Text VAE (trained in ``vae`` / ``joint``, frozen in ``dit``).
-        dit: the DiT prior (unused in ``vae``).
+        vae: the Text VAE (trained in ``joint``, frozen in ``dit``).
+        dit: the DiT prior.
         ref_vae: the frozen reference encoder ``q_φref`` of Stage 2's KL anchor; needed when ``stage: joint``
             and ``ref_kl_weight > 0``. A joint step anchors it to ``vae`` first (:meth:`ReferenceVAE.anchor`:
             at the first step of the run, which is when joint training starts).
-        schedule: the Cola flow schedule; it draws the training times.
+        schedule: the Cola flow schedule: training times and the path in τ.
 
     Raises:
-        RecipeError: a VAE-training stage on a VAE without a Gaussian posterior, or a missing reference encoder.
+        RecipeError: a stage that samples the posterior on a VAE without one, or a missing reference encoder.
     """
 
+    schedule: ColaSchedule
+
     def __init__(
-        self,
-        cfg: ColaConfig,
-        vae: ColaTextVAE,
-        dit: ColaDiT,
-        ref_vae: ReferenceVAE | None,
-        schedule: ColaSchedule,
+        self, cfg: ColaConfig, vae: ColaTextVAE, dit: ColaDiT, ref_vae: ReferenceVAE | None, schedule: ColaSchedule
     ) -> None:
-        if (cfg.stage != "dit" or cfg.vae_mode == "sample") and not vae.config.use_variation:
-            raise RecipeError(
-                f"model.stage={cfg.stage!r} with vae_mode={cfg.vae_mode!r} needs the VAE's Gaussian posterior: set "
-                "vae.use_variation: true (or train the DiT alone on the mode: stage: dit, vae_mode: mode)"
-            )
+        assert cfg.stage != "vae", "stage vae is not flow matching: objective_for builds ColaVaeObjective"
+        require_posterior(cfg, vae)
         if cfg.stage == "joint" and cfg.ref_kl_weight > 0 and ref_vae is None:
             raise RecipeError("model.stage='joint' with ref_kl_weight > 0 needs the frozen reference VAE (ref_vae)")
-        self.cfg, self.vae, self.dit, self.ref_vae, self.schedule = cfg, vae, dit, ref_vae, schedule
+        super().__init__(ColaEmbedder(vae), ColaDenoiser(dit, schedule), schedule)
+        self.cfg, self.vae, self.dit, self.ref_vae = cfg, vae, dit, ref_vae
+        self.vae_terms = VaeTerms(cfg, vae)
         self.block_sizes = cfg.block_sizes or [dit.config.block_size]
         probs = cfg.block_size_probs or [1.0] * len(self.block_sizes)
         self.block_size_probs = torch.tensor(probs, dtype=torch.float64)
-        self.masking = cfg.stage != "dit" and cfg.mask_weight > 0 and cfg.mask_ratio > 0
 
     def __call__(self, batch: TokenBatch, generator: torch.Generator) -> LossOutput:
-        """Draw this step's random numbers from ``generator`` and compute the loss of ``batch``."""
+        """Anchor the reference encoder (``joint``; once per run), then take the core's step: draw, then loss."""
         if self.ref_vae is not None and self.cfg.stage == "joint":
             self.ref_vae.anchor(self.vae)
-        return self.loss(batch, self.draw(batch, generator))
+        return super().__call__(batch, generator)
 
     def draw(self, batch: TokenBatch, generator: torch.Generator) -> ColaDraws:
         """Draw every random number of one step from ``generator`` (on its device, then moved to the batch's).
-
-        Order: block sizes, posterior noise, masking draws and the masked copy's posterior noise, times, z_1,
-        prompt-block draws.
 
         Args:
             batch: the micro-batch; ``ids`` (B, L) fixes the shapes.
             generator: the only source of randomness.
 
         Returns:
-            The draws (see :class:`ColaDraws`).
+            The draws, in the order of :class:`ColaDraws`.
         """
         cfg, device, gen = self.cfg, batch.ids.device, generator
         B, L = batch.ids.shape
         ps, d = self.vae.config.patch_size, self.vae.config.latent_dim
-        flow = cfg.stage != "vae"
-
-        def randn(*shape: int) -> Tensor:
-            return torch.randn(shape, generator=gen, device=gen.device).to(device)
-
-        def rand(*shape: int) -> Tensor:
-            return torch.rand(shape, generator=gen, device=gen.device).to(device)
-
-        index = torch.multinomial(self.block_size_probs, B, replacement=True, generator=gen) if flow else None
-        sizes = [self.block_sizes[i] for i in index.tolist()] if index is not None else [1] * B
+        index = torch.multinomial(self.block_size_probs, B, replacement=True, generator=gen)
+        sizes = [self.block_sizes[i] for i in index.tolist()]
         lens = [L + (-L % (ps * bs)) for bs in sizes]  # tokens per padded row
-        sampled = cfg.stage != "dit" or cfg.vae_mode == "sample"
-        posterior_eps = [randn(n // ps, d) for n in lens] if sampled else None
-        mask_u = [rand(n) for n in lens] if self.masking else None
-        mask_eps = [randn(n // ps, d) for n in lens] if self.masking else None
-        if index is None:
-            return ColaDraws(None, posterior_eps, mask_u, mask_eps)
-        tau = self.schedule.sample_tau(B, gen).to(device)
-        z1 = [randn(n // ps, d) for n in lens]
+        vae = self.vae_terms.draw(lens, cfg.stage == "joint" or cfg.vae_mode == "sample", gen, device)
+        tau = self.schedule.sample_tau(B, gen).to(device)  # (B,)
+        z1 = torch.cat([draw_normal(gen, device, n // ps, d) for n in lens])  # (Σn, d)
         blocks = [n // (ps * bs) for n, bs in zip(lens, sizes, strict=True)]
-        use = [rand(nb) for nb in blocks] if cfg.prompt_block_prob > 0 else None
-        split = None
-        if use is not None:
+        use = split = None
+        if cfg.prompt_block_prob > 0:
+            use = [draw_uniform(gen, device, nb) for nb in blocks]
             split = [torch.randint(1, max(bs, 2), (nb,), generator=gen, device=gen.device).to(device)
                      for nb, bs in zip(blocks, sizes, strict=True)]  # fmt: skip
-        return ColaDraws(FlowDraws(index.to(device), tau, z1, use, split), posterior_eps, mask_u, mask_eps)
+        return ColaDraws(t=tau, eps=z1, block_index=index.to(device), vae=vae, prompt_use=use, prompt_split=split)
 
     def loss(self, batch: TokenBatch, draws: ColaDraws) -> LossOutput:
         """Compute the loss of ``cfg.stage`` on ``batch`` for given draws.
@@ -215,120 +169,69 @@ class ColaObjective(Objective):
             draws: every random draw of the step.
 
         Returns:
-            The loss and its parts: ``recon_ce``, ``recon_acc``, ``kl`` (Stage 1) or ``neg_entropy`` (Stage 2),
-            ``mask_ce``, ``fm``, ``ref_kl``, as the stage has them.
+            The loss and its parts: ``fm`` (``dit``); ``recon_ce``, ``recon_acc``, ``neg_entropy``, ``mask_ce``,
+            ``fm`` and ``ref_kl`` (``joint``).
         """
         cfg, ps = self.cfg, self.vae.config.patch_size
-        sizes = [1] * batch.ids.shape[0]
-        if draws.flow is not None:
-            sizes = [self.block_sizes[i] for i in draws.flow.block_index.tolist()]
-        rows = _Rows.pad(batch, [ps * bs for bs in sizes], cfg.pad_id)
+        sizes = [self.block_sizes[i] for i in draws.block_index.tolist()]
+        rows = PaddedRows.pad(batch, [ps * bs for bs in sizes], cfg.pad_id)
         if cfg.stage == "dit":
-            with torch.no_grad():
-                enc = self._encode(rows.ids)
-            if draws.posterior_eps is None:
-                z = torch.cat(enc.latents)  # the posterior mode (Σn, d)
-            else:
-                z = _sample(_posterior(enc), draws.posterior_eps)
-            fm = self._flow_matching(z, rows, sizes, draws)
-            return LossOutput(fm, {"fm": float(fm.detach())})
-        terms, post, z = self._vae_terms(rows, draws)
-        metrics = {name: float(value.detach()) for name, value in terms.items()}
-        reg = terms["kl"] if cfg.stage == "vae" else terms["neg_entropy"]
-        loss = cfg.recon_weight * (terms["recon_ce"] + cfg.kl_weight * reg + cfg.mask_weight * terms["mask_ce"])
-        if cfg.stage == "vae":
-            return LossOutput(loss, metrics)
-        fm = self._flow_matching(z if cfg.vae_mode == "sample" else post.mean, rows, sizes, draws)
-        loss = loss + cfg.fm_weight * fm
-        metrics["fm"] = float(fm.detach())
+            term = self.flow_term(self._frozen_latents(rows, draws.vae), rows, sizes, draws)
+            return combine({"fm": term}, term.mask)
+        vae = self.vae_terms(rows, draws.vae)
+        fm = self.flow_term(vae.z if cfg.vae_mode == "sample" else vae.posterior.mean, rows, sizes, draws).mean()
+        loss = vae.loss + cfg.fm_weight * fm
+        metrics = {**vae.metrics, "fm": float(fm.detach())}
         if self.ref_vae is not None and cfg.ref_kl_weight > 0:
             with torch.no_grad():
-                ref = _posterior(self._encode(rows.ids, self.ref_vae))
+                ref = self.vae_terms.posterior(rows.ids, self.ref_vae)
             valid, _ = rows.per_latent(ps)
-            ref_kl = masked_mean(kl_between(post, ref), torch.cat(valid))
+            ref_kl = LossTerm(kl_between(vae.posterior, ref), torch.cat(valid).float()).mean()
             loss = loss + cfg.ref_kl_weight * ref_kl
             metrics["ref_kl"] = float(ref_kl.detach())
         return LossOutput(loss, metrics)
 
-    def _encode(self, ids: list[Tensor], vae: ColaTextVAE | None = None) -> VaeEncoding:
-        """Encode rows (L_i,) with ``vae`` (default: the trained one), :data:`SAMPLES_PER_CALL` at a time."""
-        latents, params = [], []
-        for group in sample_groups(len(ids), SAMPLES_PER_CALL):
-            enc = (vae or self.vae).encode(ids[group])
-            latents += enc.latents
-            params += enc.params or []
-        return VaeEncoding(latents, params or None)
+    def flow_term(self, z: Tensor, rows: PaddedRows, sizes: list[int], draws: ColaDraws) -> LossTerm:
+        """Return ``L_FM``'s per-latent term for the rows' VAE latents z (Σn, d), in the 2L layout (spec §4.3, §9).
 
-    def _decode(self, z: Tensor, n_lens: list[int]) -> Tensor:
-        """Decode latents z (Σn_i, d) of samples with n_i latents each into fp32 logits (ΣL_i, V)."""
-        parts = z.split(n_lens)
-        groups = sample_groups(len(n_lens), SAMPLES_PER_CALL)
-        return torch.cat([self.vae.decode(torch.cat(parts[g]), n_lens[g], n_lens[g]) for g in groups]).float()
-
-    def _vae_terms(self, rows: _Rows, draws: ColaDraws) -> tuple[dict[str, Tensor], Posterior, Tensor]:
-        """Reconstruct the rows (and their masked copies) through a posterior sample.
-
-        Returns:
-            The terms (``recon_ce``, ``recon_acc``, ``kl`` or ``neg_entropy``, ``mask_ce``), the rows' posterior
-            with (Σn, d) moments and its sample z (Σn, d).
+        Args:
+            z: (Σn, d) the rows' latents, unscaled (posterior sample or mode).
+            rows: the rows padded to their blocks (prompt roles, real tokens).
+            sizes: the block size of each sample.
+            draws: the step's times, noise and prompt blocks.
         """
-        cfg, mask_id = self.cfg, self.vae.config.vocab_size
-        assert draws.posterior_eps is not None
-        ids, eps = list(rows.ids), list(draws.posterior_eps)
-        masked: list[Tensor] = []
-        if draws.mask_u is not None and draws.mask_eps is not None:
-            pairs = [
-                mask_tokens(r, v, u, cfg.mask_ratio, mask_id)
-                for r, v, u in zip(ids, rows.valid, draws.mask_u, strict=True)
-            ]
-            ids += [corrupted for corrupted, _ in pairs]
-            masked = [positions for _, positions in pairs]
-            eps += draws.mask_eps
-        post = _posterior(self._encode(ids))  # rows first, then their masked copies
-        z_all = _sample(post, eps)  # (Σn, d)
-        n_lens = [r.numel() // self.vae.config.patch_size for r in ids]
-        logits = self._decode(z_all, n_lens)  # (ΣL, V)
-        targets = torch.cat(list(rows.ids) * (2 if masked else 1))  # masked copies predict the original tokens
-        ce = F.cross_entropy(logits, targets, reduction="none")  # (ΣL,)
-        n_tokens, n_latents = sum(r.numel() for r in rows.ids), sum(n_lens[: len(rows.ids)])
-        valid = torch.cat(rows.valid)
-        terms = {
-            "recon_ce": masked_mean(ce[:n_tokens], valid),
-            "recon_acc": masked_mean((logits[:n_tokens].argmax(dim=-1) == targets[:n_tokens]).float(), valid),
-        }
-        rows_post = Posterior(*(moment[:n_latents] for moment in post))
-        latent_valid = torch.cat(rows.per_latent(self.vae.config.patch_size)[0])
-        if cfg.stage == "vae":
-            terms["kl"] = masked_mean(kl_to_standard_normal(rows_post), latent_valid)
-        else:
-            terms["neg_entropy"] = masked_mean(neg_entropy(rows_post), latent_valid)
-        terms["mask_ce"] = masked_mean(ce[n_tokens:], torch.cat(masked)) if masked else ce.new_zeros(())
-        return terms, rows_post, z_all[:n_latents]
-
-    def _flow_matching(self, z: Tensor, rows: _Rows, sizes: list[int], draws: ColaDraws) -> Tensor:
-        """Return ``L_FM`` () for the rows' VAE latents z (Σn, d) at the drawn times, noise and prompt blocks."""
-        cfg, vae_cfg, flow = self.cfg, self.vae.config, draws.flow
-        assert flow is not None
+        cfg, vae_cfg = self.cfg, self.vae.config
         valid, cond = rows.per_latent(vae_cfg.patch_size)
-        n_lens = [v.numel() for v in valid]
-        z0 = ((z.float() - vae_cfg.shifting_factor) * vae_cfg.scaling_factor).split(n_lens)  # spec §5
+        z0 = (z.float() - vae_cfg.shifting_factor) * vae_cfg.scaling_factor  # (Σn, d), spec §5
         states = []
         for i, (c, bs) in enumerate(zip(cond, sizes, strict=True)):
             s = role_states(c, bs, cfg.loss_mode, cfg.boundary_mode)
-            if flow.prompt_use is not None and flow.prompt_split is not None:
-                s = with_prompt_blocks(s, bs, flow.prompt_use[i], flow.prompt_split[i], cfg.prompt_block_prob)
+            if draws.prompt_use is not None and draws.prompt_split is not None:
+                s = with_prompt_blocks(s, bs, draws.prompt_use[i], draws.prompt_split[i], cfg.prompt_block_prob)
             states.append(s)
-        trained = valid if cfg.padding_loss == "masked" else [torch.ones_like(v) for v in valid]  # cola_cpt.py
-        batch = two_layout(z0, flow.z1, flow.tau, states, trained, sizes, cfg.time_scale)
-        return batch.loss(batch.run(self.dit, SAMPLES_PER_CALL))
+        trained = torch.cat(valid)  # (Σn,); cola_cpt.py trains the padding too (its loss mask is all ones)
+        if cfg.padding_loss == "trained":
+            trained = torch.ones_like(trained)
+        lens = [v.numel() for v in valid]
+        batch = two_layout(z0, draws.eps, draws.t, torch.cat(states), trained, lens, sizes, self.schedule)
+        return batch.term(batch.run(self.dit, SAMPLES_PER_CALL))
+
+    def _frozen_latents(self, rows: PaddedRows, draws: VaeDraws) -> Tensor:
+        """Return the frozen VAE's latents (Σn, d) of the rows (``dit``): its posterior mode, or a sample of it."""
+        with torch.no_grad():
+            if draws.posterior_eps is None:
+                return torch.cat(self.vae_terms.encode(rows.ids).latents)
+            return reparameterised(self.vae_terms.posterior(rows.ids), draws.posterior_eps)
 
 
-def _posterior(enc: VaeEncoding) -> Posterior:
-    """Return the posterior with (Σn_i, d) moments of an encoding's samples."""
-    assert enc.params is not None  # use_variation, checked in ColaObjective.__init__
-    return posterior(torch.cat(enc.params))
+def objective_for(
+    cfg: ColaConfig, vae: ColaTextVAE, dit: ColaDiT, ref_vae: ReferenceVAE | None, schedule: ColaSchedule
+) -> Objective:
+    """Return the objective of ``cfg.stage``: :class:`ColaVaeObjective` (``vae``) or :class:`ColaObjective`.
 
-
-def _sample(post: Posterior, eps: list[Tensor]) -> Tensor:
-    """Return the reparameterised posterior sample ``μ + σ·ε`` (Σn, d) for per-sample noise (n_i, d)."""
-    return post.mean + post.std * torch.cat(eps)
+    Raises:
+        RecipeError: as the objective's constructor.
+    """
+    if cfg.stage == "vae":
+        return ColaVaeObjective(cfg, vae)
+    return ColaObjective(cfg, vae, dit, ref_vae, schedule)

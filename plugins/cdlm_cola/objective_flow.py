@@ -2,8 +2,9 @@
 
 Per sample the DiT sees ``[z_0 | noisy copy]`` (2n latents, positions ``[0..n−1, 0..n−1]``) under the 2L mask:
 a noisy latent of block b attends to the clean blocks before b and to its own noisy block, which is the paper's
-visible set ``V_b = {sg(z_0^(<b)), z_t^(b)}`` for every block at once. The loss is the masked MSE between the
-noisy half's output and Cola's velocity ``z_1 − z_0``, normalised by ``max(Σ loss_mask, 1)``.
+visible set ``V_b = {sg(z_0^(<b)), z_t^(b)}`` for every block at once. The flow term is the core's
+:class:`~cdlm.objective.LossTerm`: per noisy latent, the squared error of the output against Cola's velocity
+``z_1 − z_0``, counted on the trained latents (its mean is normalised by ``max(Σ loss_mask, 1)``).
 
 Each latent of the noisy copy is in one of three states, decided per block before any noise is applied:
 
@@ -13,11 +14,12 @@ Each latent of the noisy copy is in one of three states, decided per block befor
 * :data:`HIDDEN`: ``z_1`` (pure noise) at the sample's time, not trained: a prompt latent that follows a response
   latent in its block (SFT), replaced so that the response cannot read it.
 
-This module is Cola's own training maths and keeps Cola's time τ (1 = noise, the convention of the DiT and of
-the scripts): ``z_t = (1 − τ)·z_0 + τ·z_1``, DiT timestep ``time_scale·τ``, target ``z_1 − z_0``. Its callers
-get τ as drawn, in Cola time, from :meth:`cdlm_cola.schedule.ColaSchedule.sample_tau`. Going through core time
-instead would compute ``1 − (1 − τ)``, which drops the low bits of every τ < 0.5 (up to 3e-8, i.e. 3e-5 on the
-DiT's 0..1000 timestep): the noisy latents and the DiT input would no longer be the scripts' at the same draws.
+The layout keeps Cola's time τ (1 = noise, the convention of the DiT and of the scripts) and reads the path in τ
+from :class:`~cdlm_cola.schedule.ColaSchedule`: ``z_t = (1 − τ)·z_0 + τ·z_1``, DiT timestep ``time_scale·τ``,
+target ``z_1 − z_0``. Its callers get τ as drawn, in Cola time, from
+:meth:`~cdlm_cola.schedule.ColaSchedule.sample_tau`. Going through core time instead would compute
+``1 − (1 − τ)``, which drops the low bits of every τ < 0.5 (up to 3e-8, i.e. 3e-5 on the DiT's 0..1000
+timestep): the noisy latents and the DiT input would no longer be the scripts' at the same draws.
 """
 
 from __future__ import annotations
@@ -29,11 +31,18 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from cdlm.objective import LossTerm
 from cdlm_cola import layout
 from cdlm_cola.dit import ColaDiT
+from cdlm_cola.schedule import ColaSchedule
 
 CLEAN, NOISY, HIDDEN = 0, 1, 2
 """States of a noisy-copy latent (see the module docstring)."""
+
+SAMPLES_PER_CALL = 4
+"""Samples per VAE call, and per DiT call when lengths differ: NA attention is dense over a call's samples, so
+small groups keep a step linear in the batch size (same numbers as one call; see :func:`sample_groups`). DiT
+samples of equal length run as one batch instead (:meth:`TwoLayout.run`)."""
 
 
 def role_states(
@@ -170,22 +179,22 @@ class TwoLayout:
             )
         return torch.cat(out)  # (Σ2n, C)
 
-    def loss(self, out: Tensor) -> Tensor:
-        """Return the masked MSE () of the noisy half of a DiT output (Σ2n, C), in fp32 (spec §5)."""
+    def term(self, out: Tensor) -> LossTerm:
+        """Return the flow term of a DiT output (Σ2n, C): the noisy half's fp32 squared error (Σn,) (spec §5)."""
         noisy = torch.cat([torch.arange(2 * n, device=out.device) >= n for n in self.seq_lens])  # (Σ2n,)
         pred = out[noisy].float()  # (Σn, C)
-        error = (pred - self.target.float()).pow(2).mean(dim=-1)  # (Σn,)
-        return (error * self.loss_mask).sum() / self.loss_mask.sum().clamp_min(1.0)
+        return LossTerm((pred - self.target.float()).pow(2).mean(dim=-1), self.loss_mask)  # (Σn,)
 
 
 def two_layout(
-    z0: Sequence[Tensor],
-    z1: Sequence[Tensor],
+    z0: Tensor,
+    z1: Tensor,
     tau: Tensor,
-    states: Sequence[Tensor],
-    valid: Sequence[Tensor],
+    states: Tensor,
+    trained: Tensor,
+    seq_lens: Sequence[int],
     block_sizes: Sequence[int],
-    time_scale: float,
+    schedule: ColaSchedule,
 ) -> TwoLayout:
     """Build the 2L layout of a batch: the noisy copies, the DiT inputs and the loss targets (spec §4.3, §9).
 
@@ -193,38 +202,35 @@ def two_layout(
     stop-gradient history ``sg(z_0^(<b))`` of the paper's Stage 2 (spec §9.1).
 
     Args:
-        z0: per sample (n_i, C) clean latents, already ``(z − shift)·scale``.
-        z1: per sample (n_i, C) standard-normal noise.
+        z0: (Σn, C) the samples' clean latents, already ``(z − shift)·scale``, sample after sample.
+        z1: (Σn, C) standard-normal noise of the same latents.
         tau: (B,) Cola times τ (1 noise, 0 data), one per sample.
-        states: per sample (n_i,) int64 latent states (:data:`CLEAN`, :data:`NOISY`, :data:`HIDDEN`).
-        valid: per sample (n_i,) bool, False on latents kept out of the loss: padding, unless the objective
-            trains it (``padding_loss: trained``, ``cola_cpt.py``'s all-ones loss mask).
+        states: (Σn,) int64 latent states (:data:`CLEAN`, :data:`NOISY`, :data:`HIDDEN`).
+        trained: (Σn,) bool, False on latents kept out of the loss: padding, unless the objective trains it
+            (``padding_loss: trained``, ``cola_cpt.py``'s all-ones loss mask).
+        seq_lens: n per sample.
         block_sizes: per-sample block size of the 2L mask.
-        time_scale: T, the DiT reads ``T·τ`` (spec §5).
+        schedule: Cola's path in τ: the noisy copy, the DiT's timestep and the target (spec §5).
 
     Returns:
-        The layout; call :meth:`TwoLayout.run` then :meth:`TwoLayout.loss`.
+        The layout; call :meth:`TwoLayout.run` then :meth:`TwoLayout.term`.
     """
-    seq_lens = [x.shape[0] for x in z0]
-    x, eps, state = torch.cat(list(z0)), torch.cat(list(z1)), torch.cat(list(states))  # (Σn, C), (Σn, C), (Σn,)
-    device = x.device
-    tau_row = tau.to(device).repeat_interleave(torch.tensor(seq_lens, device=device))  # (Σn,)
-    tau_row = torch.where(state == CLEAN, torch.zeros_like(tau_row), tau_row)  # CLEAN latents sit at the data end
-    noisy = (1 - tau_row)[:, None] * x + tau_row[:, None] * eps  # (Σn, C); exactly z_0 where τ = 0
-    noisy = torch.where((state == HIDDEN)[:, None], eps, noisy)
-    clean_time = torch.zeros_like(tau_row)  # (Σn,)
-    noisy_time = time_scale * tau_row  # (Σn,)
+    device = z0.device
+    tau_row = tau.to(device).repeat_interleave(torch.tensor(list(seq_lens), device=device))  # (Σn,)
+    tau_row = torch.where(states == CLEAN, torch.zeros_like(tau_row), tau_row)  # CLEAN latents sit at the data end
+    noisy = schedule.interpolate_tau(z0, z1, tau_row)  # (Σn, C); exactly z_0 where τ = 0
+    noisy = torch.where((states == HIDDEN)[:, None], z1, noisy)
 
     def interleave(clean: Tensor, noisy: Tensor) -> Tensor:  # per sample [clean_i | noisy_i]
-        pairs = zip(clean.split(seq_lens), noisy.split(seq_lens), strict=True)
+        pairs = zip(clean.split(list(seq_lens)), noisy.split(list(seq_lens)), strict=True)
         return torch.cat([part for pair in pairs for part in pair])
 
     return TwoLayout(
-        txt=interleave(x.detach(), noisy),  # (Σ2n, C)
-        timestep=interleave(clean_time, noisy_time),  # (Σ2n,)
-        positions=layout.twol_positions(seq_lens, device),  # (Σ2n,)
-        seq_lens=seq_lens,
+        txt=interleave(z0.detach(), noisy),  # (Σ2n, C)
+        timestep=interleave(torch.zeros_like(tau_row), schedule.dit_time(tau_row)),  # (Σ2n,)
+        positions=layout.twol_positions(list(seq_lens), device),  # (Σ2n,)
+        seq_lens=list(seq_lens),
         block_sizes=list(block_sizes),
-        target=eps - x,  # (Σn, C)
-        loss_mask=((state == NOISY) & torch.cat(list(valid)).to(device)).float(),  # (Σn,)
+        target=schedule.target(z0, z1),  # (Σn, C)
+        loss_mask=((states == NOISY) & trained.to(device)).float(),  # (Σn,)
     )

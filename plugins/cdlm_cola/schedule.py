@@ -6,8 +6,10 @@ Cola (spec §5) runs time the other way: ``z_t = (1 − τ)·z_0 + τ·z_1`` wit
     τ = 1 − t,        v_core = −v_cola,        DiT timestep = time_scale · τ.
 
 Nothing else in the plugin converts: callers hand core times to :meth:`ColaSchedule.model_time` and raw DiT
-outputs to :meth:`ColaSchedule.predict`. Cola's own training maths takes τ straight from
-:meth:`ColaSchedule.sample_tau`, never through core time: ``1 − (1 − τ)`` drops the low bits of every τ < 0.5.
+outputs to :meth:`ColaSchedule.predict`. Cola's own training maths (the 2L layout) stays in τ, never going
+through core time, because ``1 − (1 − τ)`` drops the low bits of every τ < 0.5: it draws τ with
+:meth:`ColaSchedule.sample_tau` and reads the path in τ here too (:meth:`ColaSchedule.interpolate_tau`,
+:meth:`ColaSchedule.dit_time`, :meth:`ColaSchedule.target`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,22 @@ class ColaSchedule(FlowSchedule):
 
     def model_time(self, t: Tensor) -> Tensor:
         """Return the DiT's timestep input ``time_scale·(1 − t)`` (0..1000, 1000 = noise) for core times t."""
-        return self.cfg.time_scale * to_cola_time(t.float())
+        return self.dit_time(to_cola_time(t.float()))
+
+    def dit_time(self, tau: Tensor) -> Tensor:
+        """Return the DiT's timestep input ``time_scale·τ`` for Cola times τ (spec §5)."""
+        return self.cfg.time_scale * tau
+
+    def interpolate_tau(self, x: Tensor, eps: Tensor, tau: Tensor) -> Tensor:
+        """Return Cola's ``z_τ = (1 − τ)·x + τ·ε``, computed in τ (exactly x at τ = 0), as the scripts do (spec §5).
+
+        Args:
+            x: (N, ...) clean latents.
+            eps: (N, ...) standard-normal noise.
+            tau: (N,) Cola times, one per leading index.
+        """
+        tau = tau.reshape(tau.shape + (1,) * (x.dim() - tau.dim()))  # (N, 1, ...)
+        return (1 - tau) * x + tau * eps
 
     def sample_tau(self, n: int, generator: torch.Generator) -> Tensor:
         """Draw ``n`` training times in Cola's own time τ (1 = noise), bit for bit as the scripts do (spec §5, §9.2).

@@ -8,6 +8,8 @@ blocks on) and compared with the objective's loss under both settings.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,21 +46,22 @@ def scripts_loss(obj: ColaObjective, batch: TokenBatch, draws: ColaDraws, *, mas
     ``mask_padding``: ``cola_pretrain.py``'s zeroing of the loss mask after the unpadded length; without it,
     ``cola_cpt.py``'s all-ones mask (the stop-token padding is trained).
     """
-    flow, vae, cfg = draws.flow, obj.vae.config, obj.cfg
-    assert flow is not None and flow.prompt_use is not None and flow.prompt_split is not None
+    vae, cfg = obj.vae.config, obj.cfg
+    assert draws.prompt_use is not None and draws.prompt_split is not None
     txt, times, positions, targets, loss_masks, lens = [], [], [], [], [], []
     for i in range(ROWS):
         row = F.pad(batch.ids[i], (0, -LENGTH % BLOCK), value=cfg.pad_id)  # to a block multiple
         with torch.no_grad():
             z0 = (obj.vae.encode([row]).latents[0] - vae.shifting_factor) * vae.scaling_factor  # (L, d)
-        L, t, z1 = z0.shape[0], float(flow.tau[i]), flow.z1[i]
+        L, t = z0.shape[0], float(draws.t[i])
+        z1 = draws.eps[i * L : (i + 1) * L]  # every row has L latents
         noisy, ts = (1 - t) * z0 + t * z1, torch.full((L,), t * cfg.time_scale)
         loss_mask = torch.ones(L)
         if mask_padding:
             loss_mask[int(batch.mask[i].sum()) :] = 0.0  # the unpadded length: real tokens come first
         for b in range(L // BLOCK):
-            if float(flow.prompt_use[i][b]) < cfg.prompt_block_prob:
-                s = slice(b * BLOCK, b * BLOCK + int(flow.prompt_split[i][b]))
+            if float(draws.prompt_use[i][b]) < cfg.prompt_block_prob:
+                s = slice(b * BLOCK, b * BLOCK + int(draws.prompt_split[i][b]))
                 noisy[s], ts[s], loss_mask[s] = z0[s], 0.0, 0.0
         txt.append(torch.cat([z0, noisy]))
         times.append(torch.cat([torch.zeros(L), ts]))
@@ -81,8 +84,8 @@ def test_loss_is_the_scripts_with_and_without_padding(padding_loss: str) -> None
     obj = objective(padding_loss)
     batch = token_rows(obj.cfg.pad_id)
     draws = obj.draw(batch, torch.Generator().manual_seed(3))
-    assert draws.flow is not None and draws.flow.prompt_use is not None
-    assert (draws.flow.prompt_use[0] < 0.5).any()  # some prompt blocks: their clean prefix stays untrained
+    assert draws.prompt_use is not None
+    assert (draws.prompt_use[0] < 0.5).any()  # some prompt blocks: their clean prefix stays untrained
     with torch.no_grad():
         loss = obj.loss(batch, draws).loss
     cpt = scripts_loss(obj, batch, draws, mask_padding=False)
@@ -97,13 +100,11 @@ def test_trained_padding_gets_a_loss_and_masked_padding_none() -> None:
         obj = objective(padding_loss, prompt_block_prob=0.0)
         batch = token_rows(obj.cfg.pad_id)
         draws = obj.draw(batch, torch.Generator().manual_seed(4))
-        assert draws.flow is not None
-        z1 = [z.clone() for z in draws.flow.z1]
-        z1[-1][12:] += 10.0  # the last row's last block is all padding (2 fill latents + 2 block pads)
-        flow = type(draws.flow)(draws.flow.block_index, draws.flow.tau, z1, None, None)
+        z1 = draws.eps.clone()
+        z1[-4:] += 10.0  # the last row's last block is all padding (2 fill latents + 2 block pads)
         with torch.no_grad():
             base = obj.loss(batch, draws).loss.item()
-            moved = obj.loss(batch, ColaDraws(flow, None, None, None)).loss.item()
+            moved = obj.loss(batch, replace(draws, eps=z1)).loss.item()
         assert (moved != pytest.approx(base, abs=1e-6)) == moves, padding_loss
 
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from cdlm.errors import RecipeError
-from cdlm.interfaces import TokenBatch
+from cdlm.interfaces import Objective, TokenBatch
 from cdlm_cola.components import ReferenceVAE
 from cdlm_cola.config import ColaConfig, ColaDitConfig, ColaVaeConfig
 from cdlm_cola.dit import ColaDiT
-from cdlm_cola.objective import ColaDraws, ColaObjective
+from cdlm_cola.objective import ColaObjective, objective_for
 from cdlm_cola.objective_flow import CLEAN, HIDDEN, NOISY, two_layout, with_prompt_blocks
 from cdlm_cola.objective_vae import kl_between, kl_to_standard_normal, mask_tokens, neg_entropy
 from cdlm_cola.schedule import ColaSchedule
@@ -29,7 +31,7 @@ DIT = ColaDitConfig(
 )  # fmt: skip
 
 
-def make(stage: str, **fields: object) -> tuple[ColaObjective, ColaTextVAE, ColaDiT, ReferenceVAE]:
+def make(stage: str, **fields: object) -> tuple[Objective, ColaTextVAE, ColaDiT, ReferenceVAE]:
     g = torch.Generator().manual_seed(0)
     vae, dit = ColaTextVAE(VAE, g), ColaDiT(DIT, g)
     ref = ReferenceVAE(vae)
@@ -37,7 +39,7 @@ def make(stage: str, **fields: object) -> tuple[ColaObjective, ColaTextVAE, Cola
     ref.requires_grad_(False)
     defaults: dict[str, object] = {"block_sizes": [1, 2, 4], "prompt_block_prob": 0.5, "pad_id": 0}
     cfg = ColaConfig(vae=VAE, dit=DIT, stage=stage, **{**defaults, **fields})
-    return ColaObjective(cfg, vae, dit, ref, ColaSchedule(cfg)), vae, dit, ref
+    return objective_for(cfg, vae, dit, ref, ColaSchedule(cfg)), vae, dit, ref
 
 
 def batch(rows: int = 3, length: int = 16) -> TokenBatch:
@@ -76,7 +78,7 @@ def test_mask_loss_is_the_ce_of_the_masked_positions_only() -> None:
     assert draws.mask_u is not None and draws.mask_eps is not None
     u = [torch.ones_like(x) for x in draws.mask_u]
     u[1][5] = 0.0  # exactly one masked token: row 1, position 5
-    out = obj.loss(b, ColaDraws(draws.flow, draws.posterior_eps, u, draws.mask_eps))
+    out = obj.loss(b, replace(draws, mask_u=u))
     corrupted = b.ids[1].clone()
     corrupted[5] = VOCAB  # the [MASK] id: the extra embedding row
     params = vae.encode([corrupted]).params
@@ -113,29 +115,31 @@ def test_history_half_is_stop_gradient() -> None:
     g = torch.Generator().manual_seed(4)
     dit = ColaDiT(DIT, g)
     z0 = [torch.randn(8, LATENT, generator=g).requires_grad_() for _ in range(2)]
-    z1 = [torch.randn(8, LATENT, generator=g) for _ in range(2)]
-    states = [torch.full((8,), NOISY), torch.tensor([CLEAN, NOISY, NOISY, NOISY, NOISY, HIDDEN, NOISY, NOISY])]
-    valid = [torch.ones(8, dtype=torch.bool)] * 2
-    lay = two_layout(z0, z1, torch.tensor([0.3, 0.7]), states, valid, [4, 2], 1000.0)
+    z1 = torch.randn(16, LATENT, generator=g)
+    states = torch.tensor([NOISY] * 8 + [CLEAN, NOISY, NOISY, NOISY, NOISY, HIDDEN, NOISY, NOISY])
+    valid = torch.ones(16, dtype=torch.bool)
+    schedule = ColaSchedule(ColaConfig())
+    lay = two_layout(torch.cat(z0), z1, torch.tensor([0.3, 0.7]), states, valid, [8, 8], [4, 2], schedule)
     clean = torch.cat([torch.arange(16) < 8] * 2)
     for z in z0:  # the clean half carries no gradient back to z_0; the noisy half does
         assert torch.autograd.grad(lay.txt[clean].sum(), z, retain_graph=True)[0].abs().max() == 0
         assert torch.autograd.grad(lay.txt[~clean].sum(), z, retain_graph=True)[0].abs().max() > 0
-    loss = lay.loss(lay.run(dit, samples_per_call=1))
+    loss = lay.term(lay.run(dit, samples_per_call=1)).mean()
     grads = torch.autograd.grad(loss, [*z0, *dit.parameters()], allow_unused=True)
     assert all(gr is not None and gr.abs().max() > 0 for gr in grads[:2])
     assert sum(gr.abs().sum() for gr in grads[2:] if gr is not None) > 0
 
 
 def test_layout_calls_in_groups_equal_one_call() -> None:
-    obj, _, dit, _ = make("dit")
-    b = batch()
-    draws = obj.draw(b, torch.Generator().manual_seed(5))
-    assert draws.flow is not None
-    z0 = [torch.randn(z.shape, generator=torch.Generator().manual_seed(6)) for z in draws.flow.z1]
-    states = [torch.full((z.shape[0],), NOISY) for z in z0]
-    valid = [torch.ones(z.shape[0], dtype=torch.bool) for z in z0]
-    lay = two_layout(z0, draws.flow.z1, draws.flow.tau, states, valid, [4, 2, 1], 1000.0)
+    obj, _, dit, _ = make("dit", block_sizes=[2, 4])
+    assert isinstance(obj, ColaObjective)
+    draws = obj.draw(batch(length=14), torch.Generator().manual_seed(5))
+    sizes = [obj.block_sizes[i] for i in draws.block_index]
+    lens = [14 + (-14 % bs) for bs in sizes]
+    assert len(set(lens)) > 1  # samples of different lengths: NA calls, grouped or all at once
+    z0 = torch.randn(draws.eps.shape, generator=torch.Generator().manual_seed(6))
+    states, valid = torch.full((sum(lens),), NOISY), torch.ones(sum(lens), dtype=torch.bool)
+    lay = two_layout(z0, draws.eps, draws.t, states, valid, lens, sizes, obj.schedule)
     with torch.no_grad():
         torch.testing.assert_close(lay.run(dit, 1), lay.run(dit), atol=1e-5, rtol=0)
 
@@ -201,12 +205,11 @@ def test_padding_is_never_trained() -> None:
     obj, *_ = make("dit", block_sizes=[4], prompt_block_prob=0.0)
     b = batch(rows=1, length=14)  # padded to 16 latents; the last 5 tokens are not real either
     draws = obj.draw(b, torch.Generator().manual_seed(11))
-    assert draws.flow is not None and draws.flow.z1[0].shape == (16, LATENT)
+    assert draws.eps.shape == (16, LATENT)
     base = obj.loss(b, draws).loss.item()
-    z1 = [draws.flow.z1[0].clone()]
-    z1[0][12:] += 10.0  # the last block is all padding: no trained latent attends to its noisy rows
-    flow = type(draws.flow)(draws.flow.block_index, draws.flow.tau, z1, None, None)
-    assert obj.loss(b, ColaDraws(flow, draws.posterior_eps, None, None)).loss.item() == pytest.approx(base)
+    z1 = draws.eps.clone()
+    z1[12:] += 10.0  # the last block is all padding: no trained latent attends to its noisy rows
+    assert obj.loss(b, replace(draws, eps=z1)).loss.item() == pytest.approx(base)
 
 
 def test_bad_setups_are_rejected() -> None:
@@ -218,7 +221,7 @@ def test_bad_setups_are_rejected() -> None:
     plain = VAE.model_copy(update={"use_variation": False})
     cfg = ColaConfig(vae=plain, dit=DIT, stage="vae", pad_id=0)
     with pytest.raises(RecipeError, match="use_variation"):
-        ColaObjective(cfg, ColaTextVAE(plain, g), dit, None, ColaSchedule(cfg))
+        objective_for(cfg, ColaTextVAE(plain, g), dit, None, ColaSchedule(cfg))
     cfg = ColaConfig(vae=plain, dit=DIT, stage="dit", vae_mode="mode", pad_id=0)  # the mode needs no posterior
     obj = ColaObjective(cfg, ColaTextVAE(plain, g), dit, None, ColaSchedule(cfg))
     assert obj(batch(), torch.Generator().manual_seed(0)).loss.item() > 0

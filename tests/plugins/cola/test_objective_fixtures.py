@@ -21,8 +21,9 @@ from torch import Tensor
 from cdlm.interfaces import TokenBatch
 from cdlm_cola.config import ColaConfig
 from cdlm_cola.dit import ColaDiT
-from cdlm_cola.objective import ColaDraws, ColaObjective, FlowDraws
+from cdlm_cola.objective import ColaDraws, ColaObjective
 from cdlm_cola.objective_flow import NOISY, role_states, two_layout, with_prompt_blocks
+from cdlm_cola.objective_vae import VaeDraws
 from cdlm_cola.schedule import ColaSchedule
 from cdlm_cola.state_dict import load_pretrained_dit, load_pretrained_vae
 from cdlm_cola.vae import ColaTextVAE, posterior
@@ -116,24 +117,31 @@ class Case:
             split.append(s)
         assert next(self._draws, None) is None, "draws left over"
         prompts = cfg.prompt_block_prob > 0
-        flow = FlowDraws(torch.tensor(index), tau, z1, use if prompts else None, split if prompts else None)
-        return ColaDraws(flow, eps or None, None, None)
+        return ColaDraws(
+            t=tau,
+            eps=torch.cat(z1),
+            block_index=torch.tensor(index),
+            vae=VaeDraws(eps or None, None, None),
+            prompt_use=use if prompts else None,
+            prompt_split=split if prompts else None,
+        )
 
     def check_layout_and_loss(self, cfg: ColaConfig, dit: ColaDiT, draws: ColaDraws, cond: list[Tensor]) -> None:
         """Rebuild the noisy copies from the recorded z0, compare them, the DiT call and the loss."""
-        flow = draws.flow
-        assert flow is not None
         z0 = [self.t[f"in/z0_{i}"] for i in range(len(cond))]
-        sizes = [cfg.block_sizes[i] for i in flow.block_index.tolist()]
+        sizes = [cfg.block_sizes[i] for i in draws.block_index.tolist()]
         unpadded = self.meta.get("in/unpadded_len", [self.settings.get("row_len") or z.shape[0] for z in z0])
         states, valid = [], []
         for i, (c, bs) in enumerate(zip(cond, sizes, strict=True)):
             s = role_states(c, bs, cfg.loss_mode, cfg.boundary_mode)
-            if flow.prompt_use is not None and flow.prompt_split is not None:
-                s = with_prompt_blocks(s, bs, flow.prompt_use[i], flow.prompt_split[i], cfg.prompt_block_prob)
+            if draws.prompt_use is not None and draws.prompt_split is not None:
+                s = with_prompt_blocks(s, bs, draws.prompt_use[i], draws.prompt_split[i], cfg.prompt_block_prob)
             states.append(s)
             valid.append(torch.arange(z0[i].shape[0]) < unpadded[i])
-        batch = two_layout(z0, flow.z1, flow.tau, states, valid, sizes, cfg.time_scale)
+        lens = [z.shape[0] for z in z0]
+        batch = two_layout(
+            torch.cat(z0), draws.eps, draws.t, torch.cat(states), torch.cat(valid), lens, sizes, ColaSchedule(cfg)
+        )
         n = batch.seq_lens
         noisy_rows = torch.cat([torch.arange(2 * k) >= k for k in n])
         close(batch.txt[noisy_rows], torch.cat([self.t[f"noisy/z_noisy_{i}"] for i in range(len(n))]))
@@ -153,7 +161,7 @@ class Case:
         with torch.no_grad():
             out = batch.run(dit)
         close(out, self.t["dit/out"])
-        close(batch.loss(out), self.t["out/loss"])
+        close(batch.term(out).mean(), self.t["out/loss"])
 
 
 @pytest.mark.parametrize("name", PRETRAIN_CASES)
@@ -162,15 +170,17 @@ def test_pretrain_step_replays_reference(fx: Any, vae: ColaTextVAE, dit: ColaDiT
     cfg = case.config(vae, dit, prompt_block_prob=case.settings["prompt_block_prob"])
     ids = case.t["in/inputs"]
     draws = case.replay(cfg, ids.shape[0])
-    assert [cfg.block_sizes[i] for i in draws.flow.block_index] == case.meta["in/sample_block_sizes"]  # type: ignore[union-attr]
-    case.check_layout_and_loss(cfg, dit, draws, [torch.zeros(z.shape[0], dtype=torch.bool) for z in draws.flow.z1])  # type: ignore[union-attr]
-    for i, bs in enumerate(cfg.block_sizes[k] for k in draws.flow.block_index):  # type: ignore[union-attr]
+    assert [cfg.block_sizes[i] for i in draws.block_index] == case.meta["in/sample_block_sizes"]
+    lens = [case.t[f"in/z0_{i}"].shape[0] for i in range(ids.shape[0])]
+    case.check_layout_and_loss(cfg, dit, draws, [torch.zeros(n, dtype=torch.bool) for n in lens])
+    for i, bs in enumerate(cfg.block_sizes[k] for k in draws.block_index):
         row = F.pad(ids[i], (0, -ids.shape[1] % bs), value=cfg.pad_id)  # the scripts pad with their stop token
         with torch.no_grad():
             enc = vae.encode([row])
         assert enc.params is not None
         post = posterior(enc.params[0])
-        z = post.mean if draws.posterior_eps is None else post.mean + post.std * draws.posterior_eps[i]
+        eps = draws.vae.posterior_eps
+        z = post.mean if eps is None else post.mean + post.std * eps[i]
         close((z - vae.config.shifting_factor) * vae.config.scaling_factor, case.t[f"in/z0_{i}"])
     # the whole TokenBatch path: padding, VAE encode, posterior sample, scaling, noisy copies, DiT, loss
     batch = TokenBatch(ids, torch.ones_like(ids, dtype=torch.bool), torch.zeros_like(ids, dtype=torch.bool))

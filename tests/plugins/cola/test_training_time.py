@@ -48,10 +48,10 @@ def scripts_tau(obj: ColaObjective, distribution: str, loc: float, scale: float)
 def test_draw_gives_the_scripts_tau_bit_for_bit(distribution: str, loc: float, scale: float) -> None:
     obj = objective(distribution, loc, scale)
     draws = obj.draw(token_rows(), torch.Generator().manual_seed(SEED))
-    assert draws.flow is not None and draws.posterior_eps is None
+    assert draws.vae.posterior_eps is None
     expected = scripts_tau(obj, distribution, loc, scale)
-    assert draws.flow.tau.dtype == torch.float32
-    assert torch.equal(draws.flow.tau, expected)
+    assert draws.t.dtype == torch.float32
+    assert torch.equal(draws.t, expected)
     # the old path, 1 − (1 − τ), loses bits of logit-normal draws, so this test catches it (uniform draws are
     # multiples of 2⁻²⁴, for which the round trip happens to be exact)
     lossy = 1 - (1 - expected) != expected
@@ -66,13 +66,11 @@ def test_draw_gives_the_scripts_tau_bit_for_bit(distribution: str, loc: float, s
 def test_noisy_latents_and_dit_timesteps_are_the_scripts(distribution: str, loc: float, scale: float) -> None:
     obj = objective(distribution, loc, scale)
     draws = obj.draw(token_rows(), torch.Generator().manual_seed(SEED))
-    assert draws.flow is not None
-    tau, z1 = draws.flow.tau, draws.flow.z1
+    tau, z1 = draws.t, draws.eps.split(LENGTH)  # every row has LENGTH latents
     g = torch.Generator().manual_seed(5)
     z0 = [torch.randn(z.shape, generator=g) for z in z1]
-    states = [torch.full((z.shape[0],), NOISY) for z in z0]
-    valid = [torch.ones(z.shape[0], dtype=torch.bool) for z in z0]
-    lay = two_layout(z0, z1, tau, states, valid, [LENGTH] * ROWS, obj.cfg.time_scale)
+    states, valid = torch.full((ROWS * LENGTH,), NOISY), torch.ones(ROWS * LENGTH, dtype=torch.bool)
+    lay = two_layout(torch.cat(z0), draws.eps, tau, states, valid, [LENGTH] * ROWS, [LENGTH] * ROWS, obj.schedule)
     noisy_half = torch.cat([torch.arange(2 * z.shape[0]) >= z.shape[0] for z in z0])
     # the scripts, per sample: t_val = t[i].item() (a Python float), (1 − t_val)·z_0 + t_val·z_1, full(T·t_val)
     t_vals = tau.tolist()
