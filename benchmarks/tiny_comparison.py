@@ -10,11 +10,12 @@ One command (issue 11)::
    stops it exactly (a staged recipe spends the budget on its last stage, after its earlier stages);
 2. converts ``ar-tiny`` into a ``transformers`` causal LM (``cdlm convert --to hf-causal-lm``): the judge;
 3. scores with ``cdlm eval --judge``: each diffusion model at 8/16/32/64 steps (Gen PPL, entropy), the judge's
-   own samples at temperature 1, held-out Persuasion in sample-sized chunks, and the same chunks with their
-   words shuffled (what word soup scores);
+   own samples at temperature 1, held-out Persuasion in sample-sized chunks, the same chunks with their words
+   shuffled (what word soup scores) and tokens drawn from the novels' unigram frequencies (what no context scores);
 4. writes ``comparison.md`` (table and samples), ``comparison.json`` and ``comparison.png`` under ``--out``.
 
-Everything runs through the CLI a user types; add ``--reuse`` to rescore existing runs without retraining.
+Everything runs through the CLI a user types; add ``--reuse`` to rescore existing runs without retraining, and
+``--jobs 3`` to train the three models at once (each on one thread, sharing the machine evenly).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import random
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -100,26 +102,37 @@ def train(recipe: str, out: Path, minutes: float, data: Path, log: Path) -> dict
     return {"seconds_per_step": per_step, "planned_steps": steps, "wall_s": time.monotonic() - started}
 
 
-def real_chunks(data: Path, judge: Path, count: int, tokens: int, seed: int) -> tuple[list[str], list[str]]:
-    """Return ``count`` chunks of held-out Persuasion of ``tokens`` judge tokens, and the same chunks word-shuffled.
+def real_chunks(data: Path, judge: Path, count: int, tokens: int, seed: int) -> dict[str, list[str]]:
+    """Return the reference texts, ``count`` each of ``tokens`` judge tokens (fixed ``seed``).
 
-    Chunks are drawn at random positions (fixed ``seed``) of the novel's paragraphs joined by blank lines.
+    ``real``: chunks of held-out Persuasion at random positions; ``shuffled``: the same chunks with their words
+    shuffled; ``unigram``: tokens drawn independently from the judge-token frequencies of the training novels.
     """
     from transformers import AutoTokenizer
 
-    text = gzip.open(data / HOLDOUT, "rt", encoding="utf-8").read()
-    paragraphs = [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
-    ids = AutoTokenizer.from_pretrained(str(judge))("\n\n".join(paragraphs))["input_ids"]
     tokenizer = AutoTokenizer.from_pretrained(str(judge))
+
+    def paragraphs(path: Path) -> str:
+        text = gzip.open(path, "rt", encoding="utf-8").read()
+        return "\n\n".join(" ".join(p.split()) for p in text.split("\n\n") if p.strip())
+
     rng = random.Random(seed)
+    ids = tokenizer(paragraphs(data / HOLDOUT))["input_ids"]
     starts = sorted(rng.sample(range(len(ids) - tokens), count))
-    chunks = [tokenizer.decode(ids[s : s + tokens]).strip() for s in starts]
+    real = [tokenizer.decode(ids[s : s + tokens]).strip() for s in starts]
     shuffled = []
-    for chunk in chunks:
+    for chunk in real:
         words = chunk.split()
         rng.shuffle(words)
         shuffled.append(" ".join(words))
-    return chunks, shuffled
+    counts: dict[int, int] = {}
+    for novel in sorted(data.glob("*.txt.gz")):
+        if novel.name != HOLDOUT:
+            for token in tokenizer(paragraphs(novel))["input_ids"]:
+                counts[token] = counts.get(token, 0) + 1
+    vocab, weights = zip(*sorted(counts.items()), strict=True)
+    unigram = [tokenizer.decode(rng.choices(vocab, weights=weights, k=tokens)).strip() for _ in range(count)]
+    return {"real": real, "shuffled": shuffled, "unigram": unigram}
 
 
 def write_texts(path: Path, texts: list[str]) -> Path:
@@ -141,8 +154,8 @@ def report(rows: list[dict[str, Any]], samples: dict[str, list[str]], meta: dict
     """Write ``comparison.md`` (table, samples), ``comparison.json`` and ``comparison.png``."""
     real = next(r for r in rows if r["name"] == "Persuasion (held out)")
     lines = [
-        f"Judge: `ar-tiny` trained {meta['minutes']} min ({meta['judge']}); {meta['num_samples']} samples per row; "
-        f"CPU, one thread per run. Command: `{meta['command']}`.",
+        f"Each model trained {meta['minutes']} min of wall-clock on one CPU thread, {meta['jobs']} at a time; judge: "
+        f"`ar-tiny` ({meta['judge']}); {meta['num_samples']} samples per row. Command: `{meta['command']}`.",
         "",
         "| samples | steps | Gen PPL | entropy (nats) | entropy / real | train steps |",
         "|---|---|---|---|---|---|",
@@ -187,6 +200,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+REFERENCES = {
+    "real": "Persuasion (held out)",
+    "shuffled": "Persuasion, words shuffled",
+    "unigram": "training-novel unigrams",
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0, help="training wall-clock per model")
@@ -195,6 +215,9 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--steps", default=",".join(map(str, STEPS)), help="sampling steps of the diffusion models")
     parser.add_argument("--models", default=",".join(MODELS[1:]), help="diffusion recipes to compare")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="models trained at once (one thread each); 3 shares the machine evenly"
+    )
     parser.add_argument("--reuse", action="store_true", help="score existing runs under --out; train nothing")
     args = parser.parse_args()
     if not (args.data / HOLDOUT).is_file():
@@ -204,43 +227,38 @@ def main() -> None:
     log = out / "commands.log"
     models = ["ar-tiny", *args.models.split(",")]
     spent: dict[str, Any] = {}
-    for recipe in models:
-        if not args.reuse:
-            print(f"training {recipe} for {args.minutes} min", flush=True)
-            spent[recipe] = train(recipe, out / recipe, args.minutes, args.data, log)
+    if not args.reuse:
+        print(f"training {', '.join(models)} for {args.minutes} min each, {args.jobs} at a time", flush=True)
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each job is a cdlm process
+            runs = {m: pool.submit(train, m, out / m, args.minutes, args.data, out / f"{m}.log") for m in models}
+            spent = {m: run.result() for m, run in runs.items()}
     judge = out / "judge"
     if not args.reuse or not judge.is_dir():
         cdlm("convert", str(out / "ar-tiny"), "--to", "hf-causal-lm", str(judge), log=log)
     n = str(args.num_samples)
     rows: list[dict[str, Any]] = []
     samples: dict[str, list[str]] = {}
-    own = evaluate("ar-tiny", ["--checkpoint", str(out / "ar-tiny"), "--num-samples", n], judge, out, log)
-    real, shuffled = real_chunks(args.data, judge, args.num_samples, tokens=63, seed=0)
-    for name, found in (
-        (
-            "Persuasion (held out)",
-            evaluate("real", ["--samples", str(write_texts(out / "real.jsonl", real))], judge, out, log),
-        ),
-        (
-            "Persuasion, words shuffled",
-            evaluate("shuffled", ["--samples", str(write_texts(out / "shuffled.jsonl", shuffled))], judge, out, log),
-        ),
-        ("ar-tiny (judge's own, T = 1)", own),
-    ):
+    for key, texts in real_chunks(args.data, judge, args.num_samples, tokens=63, seed=0).items():
+        found = evaluate(key, ["--samples", str(write_texts(out / f"{key}.jsonl", texts))], judge, out, log)
         metrics = found["results"][0]["metrics"]
-        rows.append({"name": name, "gen_ppl": metrics["gen_ppl"], "entropy": metrics["entropy"]})
+        rows.append({"name": REFERENCES[key], "gen_ppl": metrics["gen_ppl"], "entropy": metrics["entropy"]})
+    own = evaluate("ar-tiny", ["--checkpoint", str(out / "ar-tiny"), "--num-samples", n], judge, out, log)
+    metrics = own["results"][0]["metrics"]
+    rows.append({"name": "ar-tiny (judge's own, T = 1)", "gen_ppl": metrics["gen_ppl"], "entropy": metrics["entropy"]})
     samples["ar-tiny"] = [s["text"] for s in own["samples"]]
     for recipe in models[1:]:
         found = evaluate(
             recipe, ["--checkpoint", str(out / recipe), "--num-samples", n, "--steps", args.steps], judge, out, log
         )
         for entry in found["results"]:
+            metrics = entry["metrics"]
             rows.append(
                 {
                     "name": recipe,
                     "steps": entry["steps"],
                     "nfe": entry["nfe"],
-                    **{k: entry["metrics"][k] for k in ("gen_ppl", "entropy")},
+                    "gen_ppl": metrics["gen_ppl"],
+                    "entropy": metrics["entropy"],
                 }
             )
         largest = max(e["steps"] for e in found["results"])
@@ -251,6 +269,7 @@ def main() -> None:
             row["train_steps"] = spent[recipe]["planned_steps"]
     meta = {
         "minutes": args.minutes,
+        "jobs": args.jobs,
         "judge": str(judge),
         "num_samples": args.num_samples,
         "command": " ".join(["python benchmarks/tiny_comparison.py", *sys.argv[1:]]),
