@@ -81,12 +81,12 @@ def timing(run: Path, stage: str | None) -> tuple[float, float]:
     return per_step, earlier
 
 
-def train(recipe: str, out: Path, minutes: float, data: Path, log: Path) -> dict[str, Any]:
+def train(recipe: str, stage: str | None, out: Path, minutes: float, data: Path, log: Path) -> dict[str, Any]:
     """Calibrate, then train ``recipe`` for ``minutes`` of wall-clock in all; return what was planned and spent.
 
-    A staged recipe runs its earlier stages as written; their time comes out of the budget of the last stage.
+    A staged recipe (``stage``: its last stage) runs its earlier stages as written; their time comes out of the
+    budget of the last stage.
     """
-    stage = last_stage(recipe)
     key = f"stages.{stage}.train" if stage else "train"
     calibration = out.parent / f"{out.name}-calibration"
     calib = ["--set", f"{key}.steps={CALIBRATION_STEPS}", "--set", f"{key}.log_every=10"]
@@ -229,8 +229,11 @@ def main() -> None:
     spent: dict[str, Any] = {}
     if not args.reuse:
         print(f"training {', '.join(models)} for {args.minutes} min each, {args.jobs} at a time", flush=True)
+        stages = {m: last_stage(m) for m in models}  # read here: plugins are imported once, not in threads
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each job is a cdlm process
-            runs = {m: pool.submit(train, m, out / m, args.minutes, args.data, out / f"{m}.log") for m in models}
+            runs = {
+                m: pool.submit(train, m, stages[m], out / m, args.minutes, args.data, out / f"{m}.log") for m in models
+            }
             spent = {m: run.result() for m, run in runs.items()}
     judge = out / "judge"
     if not args.reuse or not judge.is_dir():

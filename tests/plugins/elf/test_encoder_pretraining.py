@@ -79,7 +79,7 @@ def test_the_flow_stage_freezes_the_encoder_the_first_stage_trained(tmp_path: Pa
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["model.stage=encoder"], "model.stage: encoder needs model.encoder.mlm_mask_prob"),
+        (["model.stage=encoder", "model.encoder.mlm_mask_prob=null"], "model.stage: encoder needs model.encoder.mlm"),
         (
             [f"model.encoder={ENCODER.replace('513', '512')}"],
             "model.encoder.vocab_size: 512: a masked-LM encoder needs one id past the model.vocab_size 512",
