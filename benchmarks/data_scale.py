@@ -3,9 +3,9 @@
 Builds synthetic corpora (Jane Austen's paragraphs from ``../shared/data/austen``, reshuffled with a fixed seed
 and repeated to the size asked for), then, for each size, in fresh processes:
 
-1. **cold**: an empty row cache and datasets cache; ``prepare`` reads the text into Arrow, tokenises and packs
-   it (``data.num_proc`` processes) into the row cache. Wall time and peak RSS (the main process, and the
-   largest worker) are measured.
+1. **cold**: an empty row cache and datasets cache; ``prepare`` cuts the text into chunks of whole paragraphs
+   and tokenises and packs them (``data.num_proc`` processes, each reading its chunks in place) into the row
+   cache. Wall time and peak RSS (the main process, and the largest worker) are measured.
 2. **warm**: ``cdlm.train`` of the elf-tiny recipe on that corpus for 2 steps, reusing the cache. Time from
    launching the process to the end of the first training step, and peak RSS of the whole process.
 

@@ -19,11 +19,12 @@ attention matrices; GPU flash / memory-efficient kernels do not, so "bf16, flash
 judged on it.
 
 Fits: weights + gradients + optimizer + EMA + activations (bf16, flash) ≤ 90 % of the GPU (the rest for the allocator,
-CUDA context and temporaries). FSDP degree: the smallest power of two N with (weights + gradients + optimizer
-+ EMA) / N + activations ≤ that budget (FULL_SHARD shards all four; EMA sharded with the parameters); when
-the activations alone do not fit, the largest ``train.batch_size`` that fits with DDP (raise
-``train.grad_accum`` to keep the global batch). cdlm train runs DDP only today (FSDP is refused at start), so
-the degree is a planning figure.
+CUDA context and temporaries). FSDP degree: the smallest power of two N with (trainable weights + gradients +
+optimizer + EMA) / N + frozen weights + activations ≤ that budget (FSDP shards the trainable networks and
+their EMA; frozen modules stay whole on every GPU). That is for each block its own unit; the one unit of
+``recipes/accelerate/fsdp.yaml`` also holds the trainable weights and gradients whole during a step. When the
+activations alone do not fit: the largest ``train.batch_size`` that fits with DDP (raise ``train.grad_accum``
+to keep the global batch).
 """
 
 from __future__ import annotations
@@ -121,16 +122,18 @@ def _get(config: object, path: str) -> int:
     return int(config)  # type: ignore[arg-type]
 
 
-def fits(sharded: float, acts: float, per_row: float, budget: float) -> str:
+def fits(s: dict[str, float], acts: float, per_row: float, budget: float) -> str:
     """DDP when it fits; else the smallest power-of-two FSDP degree that does; else the batch that would fit."""
-    if sharded + acts <= budget:
+    whole = 4 * s["frozen"]  # frozen weights: on every GPU, sharded or not
+    sharded = s["weights"] - whole + s["grads"] + s["optim"] + s["ema"]
+    if sharded + whole + acts <= budget:
         return "yes (DDP)"
-    if acts < budget:
+    if whole + acts < budget:
         n = 1
-        while sharded / n + acts > budget:
+        while sharded / n + whole + acts > budget:
             n *= 2
         return f"FSDP ≥ {n}"
-    return f"no: activations; DDP fits batch ≤ {int((budget - sharded) // per_row)}"
+    return f"no: activations; DDP fits batch ≤ {int((budget - sharded - whole) // per_row)}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,12 +154,12 @@ def main(argv: list[str] | None = None) -> None:
         config = cdlm.load_recipe(name, OFFLINE.get(cdlm.load_recipe(name).method, []))
         with torch.device("meta"):
             s = states(cdlm.build(config), config.train.optimizer)
-        sharded = s["weights"] + s["grads"] + s["optim"] + s["ema"]
+        state = s["weights"] + s["grads"] + s["optim"] + s["ema"]
         if args.states_only:
             print(
                 f"| {name} | {s['params']:,} / {s['frozen']:,} | {s['weights'] / GB:.2f} | {s['grads'] / GB:.2f} "
                 f"| {s['optim'] / GB:.2f} | {s['ema'] / GB:.2f} | – | – | – | – | – "
-                f"| {fits(sharded, 0.0, 1.0, budget)} without activations |"
+                f"| {fits(s, 0.0, 1.0, budget)} without activations |"
             )
             continue
         fp32, bf16 = (activations(name, config, p) for p in ("fp32", "bf16"))
@@ -166,8 +169,8 @@ def main(argv: list[str] | None = None) -> None:
             f"| {name} (batch {config.train.batch_size} × {config.data.seq_len}, {config.train.optimizer}) "
             f"| {s['params']:,} / {s['frozen']:,} | {s['weights'] / GB:.2f} | {s['grads'] / GB:.2f} "
             f"| {s['optim'] / GB:.2f} | {s['ema'] / GB:.2f} | {fp32[0] / GB:.1f} | {bf16[0] / GB:.1f} "
-            f"| {flash / GB:.1f} | {(sharded + fp32[0]) / GB:.1f} | {(sharded + flash) / GB:.1f} "
-            f"| {fits(sharded, flash, per_row, budget)} |",
+            f"| {flash / GB:.1f} | {(state + fp32[0]) / GB:.1f} | {(state + flash) / GB:.1f} "
+            f"| {fits(s, flash, per_row, budget)} |",
             flush=True,
         )
     print(f"\nGB = 1e9 bytes; fits: ≤ 90 % of {args.gpu_gb:.0f} GB. {sys.argv[0]}", file=sys.stderr)

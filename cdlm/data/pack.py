@@ -4,7 +4,10 @@ Two row layouts, both built as a :class:`~cdlm.interfaces.TokenBatch` of rows:
 
 * **Language modelling** (no ``data.source_field``): documents are concatenated, each followed by EOS, and
   cut into rows of ``seq_len``; only the last row can be short, and is filled. :func:`prepare` packs
-  10,000 documents at a time (a ``datasets`` map step), so the last row of each such group is filled.
+  10,000 documents at a time (a ``datasets`` map step), so the last row of each such group is filled. A
+  plain-text source is read in place, a chunk of 10,000 paragraphs per map input (:mod:`cdlm.data.chunks`),
+  so preparing it holds one chunk per process whatever the corpus size; other sources are read from their
+  Arrow table.
 * **Seq2seq** (ELF spec §5): per example ``cond = source[:max_source_len]``, ``seq = cat(cond, target)``,
   truncated to ``seq_len`` and filled. Nothing is appended to the target; with ``pad_token: eos`` the EOS fill
   is what marks its end.
@@ -19,6 +22,7 @@ positions with ``mask == False`` and ``ids == eos`` (ELF spec §3.3 step 2 train
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -32,7 +36,16 @@ from transformers import PreTrainedTokenizerBase
 
 from cdlm.config import DataConfig
 from cdlm.data.cache import TokenRows, cached_rows, resolve_num_proc, row_features, token_dtype
-from cdlm.data.sources import TOKEN_COLUMN, is_tokenized, load_texts, stream_source
+from cdlm.data.chunks import plan_chunks, read_chunk
+from cdlm.data.sources import (
+    TOKEN_COLUMN,
+    empty_source,
+    is_tokenized,
+    load_texts,
+    paragraphs,
+    plain_text_files,
+    stream_source,
+)
 from cdlm.data.stream import PACK_GROUP, RowStream
 from cdlm.data.tokenize import TOKENIZER_FILE, SpecialIds, encode, load_tokenizer, special_ids
 from cdlm.errors import DataError
@@ -85,24 +98,32 @@ def prepare(cfg: DataConfig, cache_dir: Path, on_phase: Callable[[str], None] | 
         special = special_ids(tok)
         pack = partial(pack_batch, tok=tok, cfg=cfg, special=special)
         return PackedData(rows=RowStream(stream, pack, cfg.source), tokenizer=tok, special=special)
-    texts: Dataset | None = None
+    files = plain_text_files(cfg)  # read in place, chunk by chunk (cdlm.data.chunks); else through Arrow
+    texts: Dataset | Iterator[str] | None = None
     if cfg.tokenizer == "bpe" and not (Path(cache_dir) / TOKENIZER_FILE).is_file():
         say(f"data: reading {cfg.source}")
-        texts = load_texts(cfg)
+        texts = load_texts(cfg) if files is None else _file_texts(cfg, files)
     tok = _tokenizer(cfg, cache_dir, texts, say)
     special = special_ids(tok)
 
     def build(out: Path) -> None:
-        source = texts if texts is not None else load_texts(cfg)
-        num_proc = resolve_num_proc(cfg, len(source))
+        if files is not None:  # one map input per chunk of PACK_GROUP paragraphs, read by the worker it goes to
+            chunks, count = plan_chunks(files, PACK_GROUP)
+            if not count:
+                raise empty_source(cfg)
+            source = Dataset.from_dict({"parts": [json.dumps(chunk) for chunk in chunks]})
+            pack, batch_size = _read_and_pack, 1
+        else:
+            source = texts if isinstance(texts, Dataset) else load_texts(cfg)
+            count, pack, batch_size = len(source), _tokenize_and_pack, PACK_GROUP
+        num_proc = resolve_num_proc(cfg, count)
         say(
-            f"data: tokenizing and packing {len(source)} documents into rows of {cfg.seq_len} tokens "
-            f"({num_proc} process(es))"
+            f"data: tokenizing and packing {count} documents into rows of {cfg.seq_len} tokens ({num_proc} process(es))"
         )
         source.map(
-            _tokenize_and_pack,
+            pack,
             batched=True,
-            batch_size=PACK_GROUP,
+            batch_size=batch_size,
             writer_batch_size=_WRITER_ROWS,
             num_proc=num_proc if num_proc > 1 else None,
             remove_columns=source.column_names,
@@ -118,18 +139,38 @@ def prepare(cfg: DataConfig, cache_dir: Path, on_phase: Callable[[str], None] | 
     return PackedData(rows=rows, tokenizer=tok, special=special)
 
 
+def _file_texts(cfg: DataConfig, files: list[Path]) -> Iterator[str]:
+    """The paragraphs of plain-text files, in order, read as they are needed.
+
+    Raises:
+        DataError: the files hold no paragraph (when it is first read).
+    """
+    found = False
+    for path in files:
+        with open(path, "rb") as f:
+            for text in paragraphs(f, str(path)):
+                found = True
+                yield text
+    if not found:
+        raise empty_source(cfg)
+
+
 def _tokenizer(
-    cfg: DataConfig, cache_dir: Path, texts: Dataset | IterableDataset | None, say: Callable[[str], None]
+    cfg: DataConfig,
+    cache_dir: Path,
+    texts: Dataset | IterableDataset | Iterator[str] | None,
+    say: Callable[[str], None],
 ) -> PreTrainedTokenizerBase:
     """Load the run's tokenizer, training the BPE on ``texts`` when it is not cached yet."""
-    if texts is not None and is_tokenized(list(texts.column_names or [])) and cfg.tokenizer == "bpe":
+    columns = getattr(texts, "column_names", None) or []
+    if is_tokenized(list(columns)) and cfg.tokenizer == "bpe":
         raise DataError(
             f"data.source {cfg.source!r} is already tokenised ({TOKEN_COLUMN!r} column): set data.tokenizer to "
             "the tokenizer that made it (a hub id or a save_pretrained directory), not 'bpe'"
         )
     trains = cfg.tokenizer == "bpe" and not (Path(cache_dir) / TOKENIZER_FILE).is_file()
     say(f"data: training a {cfg.vocab_size}-token BPE on {cfg.source}" if trains else "data: loading the tokenizer")
-    corpus = _corpus(texts, cfg) if texts is not None else iter(())
+    corpus = _corpus(texts, cfg) if isinstance(texts, (Dataset, IterableDataset)) else iter(texts or ())
     return load_tokenizer(cfg, cache_dir, corpus)
 
 
@@ -139,6 +180,14 @@ def _corpus(texts: Dataset | IterableDataset, cfg: DataConfig) -> Iterator[str]:
     for column in columns:
         for batch in texts.select_columns([column]).iter(batch_size=PACK_GROUP):
             yield from batch[column]
+
+
+def _read_and_pack(
+    batch: dict[str, list], tok: PreTrainedTokenizerBase, cfg: DataConfig, special: SpecialIds
+) -> dict[str, np.ndarray]:
+    """Map step: one chunk of a plain-text source (byte ranges, as JSON) → packed rows, as in the other map step."""
+    (parts,) = batch["parts"]
+    return _tokenize_and_pack({"text": read_chunk(json.loads(parts))}, tok, cfg, special)
 
 
 def _tokenize_and_pack(

@@ -4,9 +4,11 @@ Every source becomes a :class:`datasets.Dataset` with a ``text`` column (and a `
 seq2seq, when ``data.source_field`` is set). Local formats:
 
 * ``.txt`` / ``.txt.gz``: one document per paragraph, i.e. per block of lines separated by one or more
-  blank lines; each paragraph is stripped and its inner line breaks are kept. A file with one document per
-  line must therefore separate them by blank lines (or be converted to ``.jsonl``). Files are read line by
-  line into an on-disk Arrow table, so their size does not bound memory.
+  blank lines (lines of ASCII whitespace only); each paragraph is stripped and its inner line breaks are kept
+  (as line feeds). A file with one document per line must therefore separate them by blank lines (or be converted
+  to ``.jsonl``). :func:`load_texts` reads them line by line into an on-disk Arrow table, so their size does
+  not bound memory; the row cache reads plain ``.txt`` sources in place instead (:func:`plain_text_files`,
+  :mod:`cdlm.data.chunks`).
 * ``.jsonl`` / ``.json``: JSON lines or a JSON list of records.
 * ``.parquet``, and ``.arrow`` in the streaming format written by ``datasets``.
 * a directory: a ``Dataset.save_to_disk`` directory, or a directory whose top-level files of the formats
@@ -26,7 +28,7 @@ import hashlib
 import json
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import datasets
@@ -44,6 +46,7 @@ _STRING_DTYPES = ("string", "large_string")
 TOKEN_COLUMN = "input_ids"
 _TEXT_FEATURES = Features({"text": Value("string")})
 _TEXT_WRITER_ROWS = 20_000  # paragraphs per Arrow record batch: few headers to touch when the table is opened
+_BLANK = b" \t\r\f\v\n"  # a line of these bytes only is blank: it ends a paragraph
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 
 
@@ -65,7 +68,7 @@ def load_texts(cfg: DataConfig) -> Dataset:
     raw = _load_raw(cfg, streaming=False)
     assert isinstance(raw, Dataset)
     if len(raw) == 0:
-        raise DataError(f"data.source {cfg.source!r}: the dataset is empty (no rows); point data.source at some text")
+        raise empty_source(cfg)
     ds = _select_columns(raw, cfg, raw.features)
     if cfg.max_rows is not None and len(ds) > cfg.max_rows:
         ds = ds.select(range(cfg.max_rows))
@@ -83,10 +86,67 @@ def stream_source(cfg: DataConfig) -> IterableDataset:
         raw = raw.to_iterable_dataset()
     first = next(iter(raw), None)
     if first is None:
-        raise DataError(f"data.source {cfg.source!r}: the dataset is empty (no rows); point data.source at some text")
+        raise empty_source(cfg)
     features = raw.features or Features({k: _infer_feature(v) for k, v in first.items()})
     ds = _select_columns(raw, cfg, features)
     return ds.take(cfg.max_rows) if cfg.max_rows is not None else ds
+
+
+def plain_text_files(cfg: DataConfig) -> list[Path] | None:
+    """Return the ``.txt`` files of a local source whose paragraphs are its documents as they are, else None.
+
+    That is a ``.txt`` file, or a directory whose files (minus ``data.holdout``) are all ``.txt``, read with the
+    default ``data.text_field`` and no ``data.source_field`` or ``data.max_rows``. Such a source can be read in
+    place, in parallel chunks (:mod:`cdlm.data.chunks`), giving the documents :func:`load_texts` gives.
+
+    Raises:
+        DataError: as :func:`load_texts` for a directory (a hold-out file missing, no usable files).
+    """
+    path = Path(cfg.source).expanduser()
+    if cfg.max_rows is not None or cfg.source_field is not None or cfg.text_field != "text":
+        return None
+    if path.is_file() and not cfg.holdout:
+        files = [path]
+    elif path.is_dir() and not _is_saved_dataset(path):
+        files = _dir_files(path, cfg)
+    else:
+        return None
+    return files if all(p.name.endswith(".txt") for p in files) else None
+
+
+def paragraphs(lines: Iterable[bytes], name: str) -> Iterator[str]:
+    """Yield the documents of a text file's lines: its blank-line-separated paragraphs, stripped.
+
+    Args:
+        lines: the file's lines as bytes, each ending with a line feed (the last one may not).
+        name: the file, for errors.
+
+    Raises:
+        DataError: a paragraph is not UTF-8.
+    """
+    block: list[bytes] = []
+    for line in lines:
+        if line.strip(_BLANK):
+            block.append(line)
+        elif block:
+            yield _paragraph(block, name)
+            block = []
+    if block:
+        yield _paragraph(block, name)
+
+
+def _paragraph(block: list[bytes], name: str) -> str:
+    """One paragraph's text: its lines decoded, every line break a line feed (as Python's text mode), stripped."""
+    try:
+        text = b"".join(block).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{name}: cannot be read as UTF-8 text ({err})") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+def empty_source(cfg: DataConfig) -> DataError:
+    """The error for a source without a single row."""
+    return DataError(f"data.source {cfg.source!r}: the dataset is empty (no rows); point data.source at some text")
 
 
 def is_tokenized(columns: list[str]) -> bool:
@@ -233,31 +293,36 @@ def _load_file(path: Path) -> Dataset:
 
 
 def _paragraph_records(paths: list[str], stamp: str = "") -> Iterator[dict[str, str]]:
-    """Yield ``{"text": paragraph}`` for the stripped, blank-line-separated paragraphs of (gzipped) text files.
+    """Yield ``{"text": paragraph}`` for the :func:`paragraphs` of (gzipped) text files, in order.
 
     Reads line by line; ``stamp`` only keys the datasets cache (file size and time).
     """
     for name in paths:
         opener = gzip.open if name.endswith(".gz") else open
-        lines: list[str] = []
         try:
-            with opener(name, "rt", encoding="utf-8") as f:
-                for line in f:
-                    if line.strip(" \t\r\f\v\n"):
-                        lines.append(line)
-                    elif lines:
-                        yield {"text": "".join(lines).strip()}
-                        lines = []
-        except (UnicodeDecodeError, OSError, EOFError) as err:
+            with opener(name, "rb") as f:
+                yield from ({"text": text} for text in paragraphs(f, name))
+        except (OSError, EOFError) as err:
             raise DataError(f"{name}: cannot be read as UTF-8 text ({err})") from None
-        if lines:
-            yield {"text": "".join(lines).strip()}
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
 def _load_dir(path: Path, cfg: DataConfig, streaming: bool) -> Dataset | IterableDataset:
     """Load a ``save_to_disk`` directory, or concatenate the supported files of a directory minus hold-outs."""
-    if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+    if _is_saved_dataset(path):
         return _pick_split(datasets.load_from_disk(str(path)), cfg.split, str(path))
+    return _load_files(_dir_files(path, cfg), streaming)
+
+
+def _dir_files(path: Path, cfg: DataConfig) -> list[Path]:
+    """The supported files of a directory, in name order, minus ``data.holdout``.
+
+    Raises:
+        DataError: a hold-out file is not there, or no file is left.
+    """
     files = sorted(p for p in path.iterdir() if _is_supported(p))
     missing = sorted(set(cfg.holdout) - {p.name for p in files})
     if missing:
@@ -271,7 +336,7 @@ def _load_dir(path: Path, cfg: DataConfig, streaming: bool) -> Dataset | Iterabl
             f"data.source {str(path)!r}: no usable files (expected {', '.join(_TEXT_SUFFIXES + _TABLE_SUFFIXES)}"
             f"{'; all are held out' if files else ''})"
         )
-    return _load_files(kept, streaming)
+    return kept
 
 
 def _pick_split(loaded: Dataset | DatasetDict, split: str, where: str) -> Dataset:

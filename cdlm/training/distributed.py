@@ -5,10 +5,27 @@ whose ``forward`` is the method's objective. ``accelerator.prepare`` wraps it (D
 overlapped with backward, skipped on accumulation micro-steps by ``accelerator.accumulate``; mixed precision:
 autocast around ``forward``, fp16's grad scaler in ``accelerator.backward`` and unscaled before clipping).
 
+FSDP is FSDP2 (``torch.distributed.fsdp.fully_shard`` through Accelerate, ``fsdp_version: 2``): parameters,
+gradients, optimizer state and EMA are sharded by rows across processes. With ``NO_WRAP`` (the shipped
+config) the trainable networks are one unit, gathered whole for the objective's call: any method trains so.
+With ``TRANSFORMER_BASED_WRAP`` and no class list, every block a trainable network holds in an ``nn.ModuleList``
+is its own unit (see :meth:`TrainingModule.block_classes`), gathered for its own forward and backward only:
+``fsdp_reshard_after_forward: true`` is full shard, ``false`` shard-grad-op. That needs an objective that uses
+a block's weights in the block's forward only (checked: ELF's flow stage, Cola's vae stage; not ELF's encoder
+stage, which reads the T5 bias from the first block, nor Cola's joint stage, whose reference VAE copies the
+VAE's weights); the others stop with a one-line error. Every process must run every unit each step (FSDP
+gathers a unit in its forward, on all processes together); a parameter left out of a step on some processes
+is reduced as zero, as DDP's ``find_unused_parameters`` does (:func:`prepare`). Parameters and gradients stay
+fp32 (the policy casts nothing) and mixed precision is the same autocast as without FSDP, so a sharded run
+equals a DDP run to fp32 rounding. Accelerate enables FSDP for accelerator devices only, although torch's
+FSDP2 runs on gloo CPU workers: :func:`make_accelerator` switches a multi-process CPU run to FSDP itself, so
+the CPU tests run the GPU path.
+
 :func:`make_accelerator` reads the launch settings (``accelerate launch`` flags and config files reach the
-process as ``ACCELERATE_*`` environment variables) and stops at start, with one line naming the setting, on any
-the loop cannot honour: DeepSpeed, Megatron-LM, XLA, FSDP (see :data:`UNSUPPORTED`), a dynamo backend, fp8, a
-mixed precision contradicting ``train.precision``, or a gradient accumulation count other than
+process as ``ACCELERATE_*`` and ``FSDP_*`` environment variables) and stops at start, with one line naming the
+setting, on any the loop cannot honour: DeepSpeed, Megatron-LM, XLA (see :data:`UNSUPPORTED`), FSDP1, FSDP
+parameter offload, size-based wrapping or a sharded state-dict type (see :func:`fsdp_plugin`), a dynamo
+backend, fp8, a mixed precision contradicting ``train.precision``, or a gradient accumulation count other than
 ``train.grad_accum``.
 """
 
@@ -20,8 +37,15 @@ from typing import Any
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, parse_flag_from_env
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    parse_flag_from_env,
+)
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
+from torch.optim import Optimizer
 
 from cdlm.config import TrainConfig
 from cdlm.errors import TrainingError
@@ -29,14 +53,15 @@ from cdlm.interfaces import Method, TokenBatch
 
 UNSUPPORTED = {  # launch switches the loop cannot honour, by environment variable (accelerate launch sets them)
     "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
-    "ACCELERATE_USE_FSDP": "FSDP",
     "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM",
 }
-GRAD_ACCUM_ENV, PRECISION_ENV, DYNAMO_ENV = (
+GRAD_ACCUM_ENV, PRECISION_ENV, DYNAMO_ENV, FSDP_ENV = (
     "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
     "ACCELERATE_MIXED_PRECISION",
     "ACCELERATE_DYNAMO_BACKEND",
+    "ACCELERATE_USE_FSDP",
 )
+FSDP_CONFIG = "recipes/accelerate/fsdp.yaml"
 
 
 class TrainingModule(nn.Module):
@@ -53,11 +78,53 @@ class TrainingModule(nn.Module):
         super().__init__()
         self.networks = nn.ModuleDict(dict(method.trainable))
         self._objective = method.objective
+        # Accelerate's TRANSFORMER_BASED_WRAP reads this name when the launch config lists no classes.
+        self._no_split_modules = self.block_classes()
+
+    def block_classes(self) -> list[str]:
+        """Return the class names of the blocks the networks repeat: modules with children in an ``nn.ModuleList``.
+
+        Under FSDP each such block is its own unit, gathered for its own forward and backward only. A block is
+        only ever called through its ``forward`` (FSDP gathers it there); leaves (a list of ``nn.Linear``) are
+        not blocks, so a weight read directly elsewhere is never left sharded.
+        """
+        lists = [m for m in self.networks.modules() if isinstance(m, nn.ModuleList)]
+        return sorted({type(block).__name__ for blocks in lists for block in blocks if next(block.children(), None)})
 
     def forward(self, batch: TokenBatch, generator: torch.Generator) -> tuple[Tensor, dict[str, Any]]:
-        """Return the objective's ``(loss, metrics)`` on ``batch``, its random draws from ``generator``."""
-        out = self._objective(batch, generator)
+        """Return the objective's ``(loss, metrics)`` on ``batch``, its random draws from ``generator``.
+
+        Raises:
+            TrainingError: under FSDP with per-block units, the objective read a block's weights outside that
+                block's forward (they are sharded there).
+        """
+        try:
+            out = self._objective(batch, generator)
+        except RuntimeError as err:
+            if "DTensor" not in str(err):
+                raise
+            raise TrainingError(
+                "FSDP: the objective reads a block's weights outside that block's forward, where they are sharded "
+                f"({str(err).splitlines()[0][:100]}); launch with fsdp_auto_wrap_policy: NO_WRAP, as {FSDP_CONFIG} "
+                "does: it gathers every weight for the whole step"
+            ) from err
         return out.loss, dict(out.metrics)
+
+
+def prepare(accelerator: Accelerator, method: Method, optimizer: Optimizer) -> tuple[nn.Module, Optimizer]:
+    """Wrap the method's trainable networks (:class:`TrainingModule`) and their optimizer for this launch.
+
+    An objective may leave a parameter out of a step on some processes (a loss drawn with some probability):
+    DDP looks for such parameters (``find_unused_parameters``, see :func:`make_accelerator`) and FSDP reduces
+    zeros for them, so that every process takes part in the same reductions.
+
+    Returns:
+        The prepared module (DDP, FSDP or as is on one process) and the prepared optimizer.
+    """
+    module, optimizer = accelerator.prepare(TrainingModule(method), optimizer)
+    if isinstance(module, FSDPModule):
+        module.set_reduce_scatter_unused_params(True)
+    return module, optimizer
 
 
 def make_accelerator(cfg: TrainConfig, project_dir: str | None) -> Accelerator:
@@ -88,10 +155,12 @@ def make_accelerator(cfg: TrainConfig, project_dir: str | None) -> Accelerator:
             f"accelerate dynamo_backend={dynamo} ({DYNAMO_ENV}) is not supported by cdlm train; unset it"
         )
     for key, name in UNSUPPORTED.items():
-        if os.environ.get(key, "false").lower() in ("1", "true", "yes"):
+        if _flag(key):
             raise TrainingError(
-                f"accelerate {name} ({key}) is not supported by cdlm train; use recipes/accelerate/ddp.yaml"
+                f"accelerate {name} ({key}) is not supported by cdlm train; use recipes/accelerate/ddp.yaml "
+                f"or {FSDP_CONFIG}"
             )
+    fsdp = fsdp_plugin() if _flag(FSDP_ENV) else None
     state = process_state()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if state.num_processes != world:
@@ -107,14 +176,60 @@ def make_accelerator(cfg: TrainConfig, project_dir: str | None) -> Accelerator:
     GradientState._reset_state()
     # Objectives may leave a network out of a step (a decoder loss drawn with some probability): DDP must look.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=state.device.type == "cpu",
         mixed_precision=_mixed_precision(cfg, state.device),
         gradient_accumulation_steps=cfg.grad_accum,
         kwargs_handlers=[ddp],
+        fsdp_plugin=fsdp,
         log_with=list(cfg.trackers) or None,
         project_dir=project_dir,
     )
+    if fsdp is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        # Accelerate keeps gloo CPU workers on DDP even when FSDP is asked for, though torch's FSDP2 runs there:
+        # set what AcceleratorState.__init__ sets for accelerator devices (both shared states, or the next
+        # AcceleratorState() copies the process state's type back).
+        accelerator.state.fsdp_plugin = fsdp
+        accelerator.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return accelerator
+
+
+def fsdp_plugin() -> FullyShardedDataParallelPlugin:
+    """Return Accelerate's FSDP plugin from the launch's ``FSDP_*`` settings, refusing those cdlm cannot honour.
+
+    The mixed-precision policy casts nothing (parameters, gradients and their reduction stay fp32); bf16 comes
+    from the same autocast as without FSDP.
+
+    Raises:
+        TrainingError: FSDP1 (``fsdp_version`` other than 2), parameter offload, size-based wrapping, or a
+            state-dict type other than ``FULL_STATE_DICT`` (cdlm checkpoints always hold the full weights in
+            safetensors), in one line.
+    """
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise TrainingError(
+            f"accelerate fsdp_version={version} (FSDP_VERSION) is not supported by cdlm train: FSDP1 needs a GPU and "
+            f"flat parameters; set fsdp_version: 2 as {FSDP_CONFIG} does"
+        )
+    if _flag("FSDP_OFFLOAD_PARAMS"):
+        raise TrainingError(
+            "accelerate fsdp_offload_params=true (FSDP_OFFLOAD_PARAMS) is not supported by cdlm train "
+            "(Muon and the EMA keep their shards on the GPU); set fsdp_offload_params: false"
+        )
+    if os.environ.get("FSDP_AUTO_WRAP_POLICY", "NO_WRAP").upper() == "SIZE_BASED_WRAP":
+        raise TrainingError(
+            "accelerate fsdp_auto_wrap_policy=SIZE_BASED_WRAP (FSDP_AUTO_WRAP_POLICY) is not supported by cdlm train "
+            "(it would shard containers that are never called, and modules used outside their forward); set "
+            "TRANSFORMER_BASED_WRAP (each repeated block) or NO_WRAP"
+        )
+    state_dict_type = os.environ.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT")
+    if state_dict_type != "FULL_STATE_DICT":
+        raise TrainingError(
+            f"accelerate fsdp_state_dict_type={state_dict_type} (FSDP_STATE_DICT_TYPE) is not supported by cdlm "
+            "train: its checkpoints always hold the full weights (safetensors, loadable on one process); set "
+            "fsdp_state_dict_type: FULL_STATE_DICT"
+        )
+    return FullyShardedDataParallelPlugin(mixed_precision_policy=MixedPrecisionPolicy())
 
 
 def process_state() -> PartialState:
@@ -127,7 +242,9 @@ def process_state() -> PartialState:
     cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if state.num_processes != world:  # a wrong state (an existing process group is reused, not re-created)
+    # A wrong state, or one an earlier run's Accelerator marked FSDP (a new Accelerator would then not set up
+    # FSDP again): set it up anew; an existing process group is reused, not re-created.
+    if state.num_processes != world or state.distributed_type == DistributedType.FSDP:
         PartialState._reset_state()
         state = PartialState(cpu=cpu)
     return state
@@ -142,6 +259,11 @@ def shutdown() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def _flag(key: str) -> bool:
+    """Return whether the environment variable ``key`` is set to a true value (``1``, ``true``, ``yes``)."""
+    return os.environ.get(key, "false").lower() in ("1", "true", "yes")
 
 
 def _mixed_precision(cfg: TrainConfig, device: torch.device) -> str:

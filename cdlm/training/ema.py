@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from cdlm.errors import CheckpointError
+from cdlm.training.sharding import shard_like
 
 
 def _check_names(expected: Iterable[str], found: Iterable[str], where: str) -> None:
@@ -26,7 +27,9 @@ class EMA:
     """fp32 shadow copies of a model's trainable parameters, keyed by parameter name.
 
     Initialised to the current parameters; after every optimizer step :meth:`update` moves each shadow
-    toward its parameter: ``ema ← ema + (1 − decay)·(p − ema)``.
+    toward its parameter: ``ema ← ema + (1 − decay)·(p − ema)``. Under FSDP the shadows are sharded as the
+    parameters are (``DTensor``); :meth:`state_dict` returns them so (the trainer gathers them to save), and
+    :meth:`load_state_dict` takes full tensors.
 
     Args:
         model: the module whose trainable (``requires_grad``) parameters are averaged.
@@ -55,7 +58,7 @@ class EMA:
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        """Load shadows saved by :meth:`state_dict` (strict: same names and shapes).
+        """Load shadows saved by :meth:`state_dict`, whole (strict: same names and shapes).
 
         Raises:
             CheckpointError: names or shapes differ from this EMA's.
@@ -67,7 +70,7 @@ class EMA:
                     f"EMA.load_state_dict: {name} has shape {tuple(value.shape)}, "
                     f"expected {tuple(self.shadow[name].shape)}"
                 )
-            self.shadow[name].copy_(value)
+            self.shadow[name].copy_(shard_like(value, self.shadow[name]))  # this process's shard under FSDP
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

@@ -4,6 +4,11 @@ Muon orthogonalises the (bias-corrected Nesterov) momentum of every 2-D weight w
 iterations; every other parameter (biases, norm weights, prefix tokens) is updated by Nesterov-Adam.
 2-D weights are taken to be ``nn.Linear`` weights, stored (out, in): the update is scaled by
 ``√max(1, fan_out/fan_in) = √max(1, rows/cols)``.
+
+Under FSDP a weight, its gradient and its momentum are sharded by rows across processes, but Newton–Schulz
+needs the whole matrix: each weight's Nesterov momentum is gathered (one all-gather of the weight's size),
+orthogonalised, and every process keeps its own rows of the update. Every process computes Newton–Schulz for
+every weight, as under DDP, so a sharded step equals the unsharded one to fp32 rounding.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from cdlm.config import TrainConfig
 from cdlm.errors import RecipeError
+from cdlm.training.sharding import full_tensor, shard_like
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton–Schulz coefficients (a, b, c), spec §3.5
 NS_STEPS = 5
@@ -157,8 +163,10 @@ class Muon(Optimizer):
             state["momentum_buffer"] = torch.zeros_like(grad)
         beta = group["momentum"]
         buf = state["momentum_buffer"].lerp_(grad, 1 - beta)  # m ← β·m + (1 − β)·g
-        ortho = newton_schulz(_nesterov(buf, grad, beta, state["step"]), side=self.ns_side)  # (out, in) fp32
-        return ortho * math.sqrt(max(1.0, grad.shape[0] / grad.shape[1]))  # √max(1, fan_out/fan_in)
+        momentum = _nesterov(buf, grad, beta, state["step"])  # (out, in), or this process's rows under FSDP
+        ortho = newton_schulz(full_tensor(momentum), side=self.ns_side)  # (out, in) fp32, of the whole weight
+        scaled = ortho * math.sqrt(max(1.0, grad.shape[0] / grad.shape[1]))  # √max(1, fan_out/fan_in)
+        return shard_like(scaled, momentum)  # back to this process's rows under FSDP
 
     @staticmethod
     def _adam_update(grad: Tensor, state: dict, group: dict) -> Tensor:

@@ -20,9 +20,13 @@ depends on the slot count, not on how slots are laid out: 2 processes × 1 micro
 1 process × 2 micro-batches (to fp32 rounding).
 
 Checkpoints (:mod:`cdlm.training.checkpoint`) hold every module of ``Method.modules()``, frozen ones included,
-so they are self-contained. On CPU, a trainer loaded from a checkpoint takes the same next step, bit for bit,
-as the trainer that saved it (same world size required). Multi-process: each process saves its own RNG record;
-``lr`` and the loader position are the same everywhere.
+so they are self-contained. Under FSDP the trainable weights, their gradients, the optimizer state and the EMA
+are sharded across processes; :meth:`Trainer.save` gathers them whole (every process takes part, the main one
+writes) and :meth:`Trainer.load` reads full tensors and keeps this process's shard
+(:mod:`cdlm.training.sharding`), so a checkpoint is the same files with or without FSDP. On CPU, a trainer
+loaded from a checkpoint takes the same next step, bit for bit, as the trainer that saved it (same world size
+required). Multi-process: each process saves its own RNG record; ``lr`` and the loader position are the same
+everywhere.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from cdlm.data.loader import ResumableLoader
 from cdlm.data.stream import RowStream
 from cdlm.errors import CheckpointError, DataError, TrainingError
 from cdlm.interfaces import Method, TokenBatch
+from cdlm.training import sharding
 from cdlm.training.checkpoint import (
     CheckpointState,
     capture_rng_state,
@@ -53,7 +58,7 @@ from cdlm.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from cdlm.training.distributed import TrainingModule, make_accelerator
+from cdlm.training.distributed import make_accelerator, prepare
 from cdlm.training.ema import EMA
 from cdlm.training.optim import build_lr_schedule, build_optimizer
 from cdlm.validation import check_run_config
@@ -156,10 +161,11 @@ class Trainer:
             module.eval().requires_grad_(False)
         for module in method.trainable.values():
             module.train()
-        self._params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = build_optimizer(self.model.named_parameters(), cfg)
         self.scheduler = build_lr_schedule(optimizer, cfg)  # stepped here, not by Accelerate
-        self._module, self.optimizer = accelerator.prepare(TrainingModule(method), optimizer)
+        self._module, self.optimizer = prepare(accelerator, method, optimizer)
+        # After prepare: FSDP replaces the parameters by sharded ones (in place, in self.model too).
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema = EMA(self.model, cfg.ema_decay)
         self.generators = {
             _generator_name(j): torch.Generator().manual_seed(config.seed + s) for j, s in enumerate(slots)
@@ -206,14 +212,17 @@ class Trainer:
         tokens = 0
         for j, loader in enumerate(self.loaders):
             micro = (next(loader) if given is None else given[j]).to(accelerator.device)
-            with accelerator.accumulate(self._module):  # DDP syncs on the last micro-batch only
-                loss, metrics = self._module(micro, self.generators[_generator_name(j)])
+            with accelerator.accumulate(self._module):  # DDP and FSDP sync on the last micro-batch only
+                # DDP's prepared forward is under autocast already, FSDP's is not: this gives both the same.
+                with accelerator.autocast():
+                    loss, metrics = self._module(micro, self.generators[_generator_name(j)])
                 accelerator.backward(loss)  # divides by train.grad_accum (= Accelerate's accumulation steps)
             for key, value in {"loss": loss.detach(), **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float64)
             tokens += micro.ids.numel()
         max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm is not None else float("inf")
         grad_norm = accelerator.clip_grad_norm_(self._params, max_norm)  # pre-clip total norm, unscaled under fp16
+        grad_norm = sharding.full_tensor(grad_norm)  # FSDP returns it as a replicated DTensor
         # fp16: an overflow is the scaler's to handle (it skips the step and lowers the scale), not a stop.
         self._check_finite(sums["loss"], grad_norm if accelerator.scaler is None else None)
         lr = self.scheduler.get_last_lr()[0]
@@ -279,13 +288,18 @@ class Trainer:
                 raise TrainingError("Trainer.save(): no run directory; pass one, or build the Trainer with run_dir=")
             run_dir = self.run_dir
         rng = gather_object([capture_rng_state(self.generators)])
-        if self.accelerator.is_main_process:
+        main = self.accelerator.is_main_process
+        # Every process takes part in gathering FSDP's shards; the main process keeps the full tensors and writes.
+        model_state = sharding.gather_state(self.model.state_dict(), keep=main)
+        ema_state = sharding.gather_state(self.ema.state_dict(), keep=main)
+        optimizer_state = sharding.gather_optimizer_state(self.optimizer.state_dict(), keep=main)
+        if main:
             save_checkpoint(
                 Path(run_dir),
                 self._step,
-                model_state=self.model.state_dict(),
-                ema_state=self.ema.state_dict(),
-                optimizer_state=self.optimizer.state_dict(),
+                model_state=model_state,
+                ema_state=ema_state,
+                optimizer_state=optimizer_state,
                 scheduler_state=self.scheduler.state_dict(),
                 loader_state=self.loaders[0].state_dict(),
                 rng_state=rng,
@@ -313,9 +327,9 @@ class Trainer:
         """
         ckpt = checkpoint if isinstance(checkpoint, CheckpointState) else load_checkpoint(Path(checkpoint))
         try:
-            self.model.load_state_dict(ckpt.model_state, strict=True)
+            self.model.load_state_dict(sharding.shard_state(ckpt.model_state, self.model.state_dict()), strict=True)
             self.ema.load_state_dict(ckpt.ema_state)
-            self.optimizer.load_state_dict(ckpt.optimizer_state)
+            self.optimizer.load_state_dict(sharding.shard_optimizer_state(ckpt.optimizer_state, self.optimizer))
         except (RuntimeError, ValueError, KeyError) as err:
             first = str(err).strip().splitlines()[0]
             raise CheckpointError(

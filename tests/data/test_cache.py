@@ -54,10 +54,11 @@ def test_cache_is_built_once_in_uint16_and_reused(tmp_path: Path, monkeypatch: p
     (table,) = entry.glob("rows*.arrow")
     assert datasets.Dataset.from_file(str(table)).features["ids"].feature.dtype == "uint16"
 
-    def no_reading(cfg: DataConfig) -> None:
+    def no_reading(*args: object) -> None:
         raise AssertionError("a cached corpus must not be read again")
 
-    monkeypatch.setattr(pack, "load_texts", no_reading)
+    monkeypatch.setattr(pack, "load_texts", no_reading)  # a source read through Arrow
+    monkeypatch.setattr(pack, "plan_chunks", no_reading)  # a plain-text source, read in place
     seen: list[str] = []
     again = prepare(cfg, tmp_path, on_phase=seen.append)
     assert any("reusing cached rows" in s for s in seen)

@@ -1,9 +1,10 @@
-"""Two processes on the CPU (gloo): DDP through the prepared module equals one process; kill -9 resumes exactly."""
+"""Two processes on the CPU (gloo): DDP and FSDP2 equal one process; kill -9 and FSDP resumes continue exactly."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -11,23 +12,27 @@ import sys
 import time
 from importlib.resources import files
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
+from torch import nn
 
+import cdlm
 from cdlm.config import RunConfig
 from cdlm.errors import TrainingError
 from cdlm.interfaces import MethodSpec
 from cdlm.registry import get_method
-from cdlm.training.checkpoint import load_checkpoint
-from cdlm.training.distributed import make_accelerator
+from cdlm.training.checkpoint import CheckpointState, load_checkpoint
+from cdlm.training.distributed import TrainingModule, make_accelerator
 from cdlm.training.loop import train
 from toy_plugin.register import TESTS_ROOT, TOY_ROOT, random_rows, register_toy
 
 WORKER = """
 import json, sys, time, torch
 import cdlm_toy
+from accelerate.state import AcceleratorState
 from cdlm.config import RunConfig
 from cdlm.training.distributed import shutdown
 from toy_plugin.register import random_rows
@@ -37,8 +42,19 @@ cfg = RunConfig(**{**raw, "model": cdlm_toy.ToyConfig(**raw["model"])})
 torch.manual_seed(0)
 slow = float(sys.argv[3])
 train(cfg, cdlm_toy.build(cfg), sys.argv[2], random_rows(), on_log=lambda r: time.sleep(slow))
+print("distributed_type:", AcceleratorState().distributed_type.value)
 shutdown()
 """
+
+
+# FSDP2 as accelerate launch sets it from a config file; the toy's nn.Linear layers are its units (a recipe's
+# are its blocks), so parameters are sharded across several units, each gathered for its own forward.
+FSDP = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_VERSION": "2",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_TRANSFORMER_CLS_TO_WRAP": "Linear",
+}
 
 
 @pytest.fixture
@@ -58,12 +74,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp_path: Path, cfg: RunConfig, run_dir: Path, *, sleep: float = 0.0) -> subprocess.Popen:
-    """Start ``cfg`` on 2 processes with torch.distributed.run (gloo on the CPU), in a new process group."""
+def launch(
+    tmp_path: Path, cfg: RunConfig, run_dir: Path, *, sleep: float = 0.0, launch_env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """Start ``cfg`` on 2 processes with torch.distributed.run (gloo on the CPU), in a new process group.
+
+    ``launch_env`` adds environment variables, as ``accelerate launch`` sets them from a config file.
+    """
     script = tmp_path / "worker.py"
     script.write_text(WORKER, encoding="utf-8")
     paths = [str(TOY_ROOT), str(TESTS_ROOT), str(tmp_path / "toy-site"), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1", **(launch_env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
     cmd += [
         "--master_port",
@@ -77,8 +98,8 @@ def launch(tmp_path: Path, cfg: RunConfig, run_dir: Path, *, sleep: float = 0.0)
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def run_two(tmp_path: Path, cfg: RunConfig, run_dir: Path) -> None:
-    proc = launch(tmp_path, cfg, run_dir)
+def run_two(tmp_path: Path, cfg: RunConfig, run_dir: Path, launch_env: dict[str, str] | None = None) -> None:
+    proc = launch(tmp_path, cfg, run_dir, launch_env=launch_env)
     assert proc.wait(timeout=300) == 0, (tmp_path / f"{run_dir.name}.log").read_text()[-3000:]
 
 
@@ -130,7 +151,10 @@ def test_two_processes_equal_one_and_kill_9_resumes_exactly(toy: MethodSpec, tmp
         ({"ACCELERATE_MIXED_PRECISION": "fp8"}, "mixed_precision=fp8"),
         ({"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"}, "dynamo_backend=inductor"),
         ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed"),
-        ({"ACCELERATE_USE_FSDP": "true"}, "FSDP"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "fsdp_version=1"),
+        ({**FSDP, "FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params=true"),
+        ({**FSDP, "FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, "fsdp_auto_wrap_policy=SIZE_BASED_WRAP"),
+        ({**FSDP, "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}, "fsdp_state_dict_type=SHARDED_STATE_DICT"),
     ],
 )
 def test_unsupported_launch_settings_stop_at_start(
@@ -153,9 +177,119 @@ def test_mixed_precision_goes_through_accelerate(
     assert result.step == 2 and all(isinstance(x, float) for x in losses(tmp_path / "run"))
 
 
-def test_the_ddp_launch_config_ships_with_the_recipes() -> None:
-    launch_config = load_config_from_file(str(files("cdlm_recipes") / "accelerate" / "ddp.yaml"))
-    assert launch_config.distributed_type.value == "MULTI_GPU" and launch_config.mixed_precision == "no"
+def test_the_launch_configs_ship_with_the_recipes() -> None:
+    ddp = load_config_from_file(str(files("cdlm_recipes") / "accelerate" / "ddp.yaml"))
+    assert ddp.distributed_type.value == "MULTI_GPU" and ddp.mixed_precision == "no"
+    fsdp = load_config_from_file(str(files("cdlm_recipes") / "accelerate" / "fsdp.yaml"))
+    assert fsdp.distributed_type.value == "FSDP" and fsdp.mixed_precision == "no"
+    assert fsdp.fsdp_config["fsdp_version"] == 2 and fsdp.fsdp_config["fsdp_reshard_after_forward"] is True
+    assert fsdp.fsdp_config["fsdp_auto_wrap_policy"] == "NO_WRAP"
+    assert fsdp.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+
+
+def test_fsdp_units_are_the_blocks_a_network_repeats() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(), Block()])
+            self.heads = nn.ModuleList([nn.Linear(4, 2)])  # leaves, not blocks: never a unit of their own
+
+    method = SimpleNamespace(trainable={"net": Net()}, objective=None)
+    assert TrainingModule(method).block_classes() == ["Block"]
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_processes_equals_one_and_resumes_exactly(toy: MethodSpec, tmp_path: Path) -> None:
+    one = config(toy, grad_accum=2, keep_last=3)  # the same global batch as 2 processes × 1 micro-batch
+    torch.manual_seed(0)
+    train(one, toy.build(one), tmp_path / "one", random_rows())
+    two = config(toy, keep_last=3)
+    units = {"full": {"FSDP_RESHARD_AFTER_FORWARD": "true"}, "grad_op": {"FSDP_RESHARD_AFTER_FORWARD": "false"}}
+    for name, launch_env in {**units, "one_unit": {"FSDP_AUTO_WRAP_POLICY": "NO_WRAP"}}.items():
+        run_two(tmp_path, two, tmp_path / name, {**FSDP, **launch_env})
+        assert "distributed_type: FSDP" in (tmp_path / f"{name}.log").read_text()  # sharded, not DDP
+        a, b = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / name)
+        assert b.step == 6
+        torch.testing.assert_close(losses(tmp_path / name), losses(tmp_path / "one"), rtol=1e-5, atol=1e-6)
+        opt_a, opt_b = flat_optimizer(a), flat_optimizer(b)
+        for label, sa, sb in (
+            ("model", a.model_state, b.model_state),
+            ("ema", a.ema_state, b.ema_state),
+            ("optimizer", opt_a, opt_b),
+        ):
+            assert sa.keys() == sb.keys(), label
+            for key in sa:  # full tensors in the checkpoint, as one process writes them
+                torch.testing.assert_close(sb[key], sa[key], rtol=1e-5, atol=1e-6, msg=f"{name} {label}[{key}]")
+
+    resumed = tmp_path / "resumed"  # the full-shard run as if stopped after its step-2 checkpoint
+    shutil.copytree(tmp_path / "full", resumed)
+    for step in (4, 6):
+        shutil.rmtree(resumed / "checkpoints" / f"step-{step:08d}")
+    run_two(tmp_path, two, resumed, FSDP)
+    b, c = load_checkpoint(tmp_path / "full"), load_checkpoint(resumed)
+    for label, sb, sc in (
+        ("model", b.model_state, c.model_state),
+        ("ema", b.ema_state, c.ema_state),
+        ("optimizer", flat_optimizer(b), flat_optimizer(c)),
+    ):
+        assert sb.keys() == sc.keys() and all(torch.equal(sb[k], sc[k]) for k in sb), label
+    assert c.rng_state == b.rng_state and losses(resumed) == losses(tmp_path / "full")
+
+
+UNUSED = """
+import json, torch
+from types import SimpleNamespace
+from cdlm.config import TrainConfig
+from cdlm.training.distributed import make_accelerator, prepare, shutdown
+from cdlm.training.sharding import full_tensor
+torch.manual_seed(0)
+net = torch.nn.ModuleDict({"a": torch.nn.Linear(4, 4), "b": torch.nn.Linear(4, 4)})
+accelerator = make_accelerator(TrainConfig(precision="fp32"), None)
+rank = accelerator.process_index
+def objective(x, generator):  # process 1 leaves net.b out of its loss
+    h = net["a"](x)
+    return SimpleNamespace(loss=(net["b"](h) if rank == 0 else h).square().mean(), metrics={})
+method = SimpleNamespace(trainable={"net": net}, objective=objective)
+module, _ = prepare(accelerator, method, torch.optim.SGD(net.parameters(), lr=0.1))
+loss, _ = module(torch.randn(3, 4, generator=torch.Generator().manual_seed(rank)), None)
+accelerator.backward(loss)
+grads = {n: full_tensor(p.grad).tolist() for n, p in net.named_parameters()}  # every process gathers
+if rank == 0:
+    print(accelerator.distributed_type.value, json.dumps(grads))
+shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch_env", [{}, {**FSDP, "FSDP_AUTO_WRAP_POLICY": "NO_WRAP"}], ids=["ddp", "fsdp"])
+def test_a_parameter_one_process_leaves_out_gets_the_mean_gradient(tmp_path: Path, launch_env: dict) -> None:
+    script = tmp_path / "unused.py"
+    script.write_text(UNUSED, encoding="utf-8")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **launch_env}
+    done = subprocess.run([*cmd, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kind, grads = done.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert kind == ("FSDP" if launch_env else "MULTI_CPU")
+    torch.manual_seed(0)  # the same gradients on one process: process 0's loss with b, process 1's without
+    net = nn.ModuleDict({"a": nn.Linear(4, 4), "b": nn.Linear(4, 4)})
+    for rank in (0, 1):
+        h = net["a"](torch.randn(3, 4, generator=torch.Generator().manual_seed(rank)))
+        ((net["b"](h) if rank == 0 else h).square().mean() / 2).backward()
+    expected = {n: p.grad.tolist() for n, p in net.named_parameters()}
+    for name, grad in json.loads(grads).items():
+        torch.testing.assert_close(torch.tensor(grad), torch.tensor(expected[name]), msg=name)
+
+
+def flat_optimizer(ckpt: CheckpointState) -> dict[str, torch.Tensor]:
+    """The optimizer state's tensors, keyed ``{param index}.{name}``."""
+    state = ckpt.optimizer_state["state"]
+    return {f"{i}.{k}": v for i, entry in state.items() for k, v in entry.items() if isinstance(v, torch.Tensor)}
 
 
 @pytest.mark.slow
@@ -169,3 +303,33 @@ def test_torchrun_runs_a_two_stage_recipe_on_two_cpu_processes(tmp_path: Path) -
     assert done.returncode == 0, done.stderr[-3000:]
     for stage in ("vae", "joint"):  # the process group outlives the first stage
         assert len(load_checkpoint(run_dir / stage).rng_state) == 2  # one RNG record per process
+
+
+@pytest.mark.slow
+def test_the_shipped_fsdp_config_trains_a_recipe_that_one_process_samples(tmp_path: Path) -> None:
+    run_dir, config_file = tmp_path / "run", files("cdlm_recipes") / "accelerate" / "fsdp.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
+    cmd += ["--num_processes", "2", "--main_process_port", str(free_port()), "-m", "cdlm.cli", "train"]
+    cmd += ["--recipe", "elf-tiny", "-o", str(run_dir), "--set", "train.steps=2", "--set", "train.save_every=2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_checkpoint(run_dir / "encoder").step == 2  # one unit trains any stage
+    ckpt = load_checkpoint(run_dir / "flow")
+    assert ckpt.step == 2 and len(ckpt.rng_state) == 2
+    unsharded = cdlm.build(cdlm.load_recipe("elf-tiny")).modules().state_dict()  # full shapes, as saved
+    assert {k: v.shape for k, v in ckpt.model_state.items()} == {k: v.shape for k, v in unsharded.items()}
+    samples = cdlm.sample(run_dir, overrides=["sample.num_samples=1", "sample.steps=2"])  # here: one process
+    assert len(samples) == 1 and len(samples[0].ids) > 0
+
+
+@pytest.mark.slow
+def test_per_block_units_refuse_an_objective_that_reads_a_block_outside_its_forward(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    cmd += ["-m", "cdlm.cli", "train", "--recipe", "elf-tiny", "--stage", "encoder", "-o", str(tmp_path / "run")]
+    blocks = {k: v for k, v in FSDP.items() if k != "FSDP_TRANSFORMER_CLS_TO_WRAP"}  # TrainingModule's: T5Block
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **blocks}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "error: FSDP: the objective reads a block's weights outside that block's forward" in done.stderr
+    assert "fsdp_auto_wrap_policy: NO_WRAP" in done.stderr
