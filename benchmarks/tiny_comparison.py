@@ -157,14 +157,14 @@ def report(rows: list[dict[str, Any]], samples: dict[str, list[str]], meta: dict
         f"Each model trained {meta['minutes']} min of wall-clock on one CPU thread, {meta['jobs']} at a time; judge: "
         f"`ar-tiny` ({meta['judge']}); {meta['num_samples']} samples per row. Command: `{meta['command']}`.",
         "",
-        "| samples | steps | Gen PPL | entropy (nats) | entropy / real | train steps |",
-        "|---|---|---|---|---|---|",
+        "| samples | steps | Gen PPL | entropy (nats) | entropy / real | planned steps (last stage) | trained min |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = r["entropy"] / real["entropy"]
         lines.append(
             f"| {r['name']} | {r.get('steps') or '–'} | {r['gen_ppl']:,.1f} | {r['entropy']:.3f} | {ratio:.2f} | "
-            f"{r.get('train_steps', '–')} |"
+            f"{r.get('train_steps', '–')} | {r.get('train_minutes', '–')} |"
         )
     lines += ["", "Samples (first three of each model, at its recipe's steps for the sweep's largest):", ""]
     for name, texts in samples.items():
@@ -270,6 +270,7 @@ def main() -> None:
         recipe = row["name"].split(" ")[0]
         if recipe in spent:
             row["train_steps"] = spent[recipe]["planned_steps"]
+            row["train_minutes"] = round(spent[recipe]["wall_s"] / 60, 1)
     meta = {
         "minutes": args.minutes,
         "jobs": args.jobs,
