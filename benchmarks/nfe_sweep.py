@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tiny_comparison import cdlm
+from tiny_comparison import cdlm, plot
 
 EVALS_PER_STEP = {"euler": 1, "sde": 1, "dpm2m": 1, "heun": 2, "midpoint": 2}
 
@@ -38,26 +38,6 @@ def score(name: str, model: Path, steps: list[int], extra: list[str], judge: Pat
         {"name": name, "steps": r["steps"], "nfe": r["nfe"], **{k: r["metrics"][k] for k in ("gen_ppl", "entropy")}}
         for r in results
     ]
-
-
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Gen PPL against network evaluations per sample, one line per solver or student (log-log)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in dict.fromkeys(r["name"] for r in rows):
-        points = sorted((r["nfe"], r["gen_ppl"]) for r in rows if r["name"] == name)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("network evaluations per sample (decoder included)")
-    ax.set_ylabel("Gen PPL (lower is better)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -96,7 +76,7 @@ def write(rows: list[dict[str, Any]], out: Path) -> str:
     ]
     (out / "sweep.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-    plot(rows, out / "sweep.png")
+    plot(rows, out / "sweep.png", x="nfe", xlabel="network evaluations per sample (decoder included)")
     return "\n".join(lines)
 
 

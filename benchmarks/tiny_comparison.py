@@ -177,23 +177,23 @@ def report(rows: list[dict[str, Any]], samples: dict[str, list[str]], meta: dict
     plot(rows, out / "comparison.png")
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Gen PPL against steps per diffusion model, with the reference rows as horizontal lines (log scale)."""
+def plot(rows: list[dict[str, Any]], path: Path, *, x: str = "steps", xlabel: str = "sampling steps") -> None:
+    """Gen PPL against ``x`` per model (log-log); rows without ``x`` are reference lines across the plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for model in sorted({r["name"] for r in rows if r.get("steps")}):
-        points = sorted((r["steps"], r["gen_ppl"]) for r in rows if r["name"] == model)
+    for model in dict.fromkeys(r["name"] for r in rows if r.get(x)):
+        points = sorted((r[x], r["gen_ppl"]) for r in rows if r["name"] == model)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model)
     for r in rows:
-        if not r.get("steps"):
-            ax.axhline(r["gen_ppl"], linestyle="--", linewidth=1, label=r["name"], color=None)
+        if not r.get(x):
+            ax.axhline(r["gen_ppl"], linestyle="--", linewidth=1, label=r["name"])
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("sampling steps")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("Gen PPL under ar-tiny (lower is better)")
     ax.legend(fontsize=7)
     fig.tight_layout()
