@@ -157,8 +157,15 @@ def test_per_stage_overrides_set_one_stage() -> None:
 @pytest.mark.slow
 def test_ctrl_c_on_the_command_saves_and_says_how_to_resume(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    sets = ["train.steps=500", "train.batch_size=4", "train.log_every=1", "train.save_every=1000", "data.max_rows=40",
-            "model.depth=1"]  # fmt: skip
+    sets = [
+        "train.steps=500",
+        "train.batch_size=4",
+        "train.log_every=1",
+        "train.save_every=1000",
+        "data.max_rows=40",
+        "model.depth=1",
+        "stages=[]",
+    ]  # fmt: skip  (one stage: elf-tiny without its masked-LM encoder stage)
     args = ["train", "-r", "elf-tiny", "-o", str(run), *(a for s in sets for a in ("--set", s))]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     with open(tmp_path / "err.log", "w") as err:
