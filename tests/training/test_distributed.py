@@ -42,7 +42,8 @@ cfg = RunConfig(**{**raw, "model": cdlm_toy.ToyConfig(**raw["model"])})
 torch.manual_seed(0)
 slow = float(sys.argv[3])
 train(cfg, cdlm_toy.build(cfg), sys.argv[2], random_rows(), on_log=lambda r: time.sleep(slow))
-print("distributed_type:", AcceleratorState().distributed_type.value)
+if AcceleratorState().is_main_process:  # one line: two processes writing to one log would interleave
+    print(f"distributed_type: {AcceleratorState().distributed_type.value}")
 shutdown()
 """
 
