@@ -113,21 +113,24 @@ class AutoregressivePipeline(Pipeline):
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=device)  # (B, P)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, P)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        # the repetition penalty's history: prompt and generated tokens; the leading EOS and the left padding are
+        # the pad id in every row, so a row's draw does not depend on how long the other prompts are
+        history = ids.masked_fill(positions == 0, self.cfg.pad_id)  # (B, P)
         done = torch.zeros(len(contexts), dtype=torch.bool, device=device)  # (B,)
         generated: list[Tensor] = []
         for step in range(new):
-            history = torch.cat([ids, *[g[:, None] for g in generated]], dim=1)  # (B, P + step)
             token = select_tokens(
                 out.logits[:, -1:].float(),
                 temperature=settings.temperature,
                 top_k=settings.top_k,
                 top_p=settings.top_p,
                 repetition_penalty=settings.repetition_penalty,
-                previous_ids=history[:, 1:],
+                previous_ids=history,
                 generator=generator,
             )[:, 0]  # (B,)
             token = torch.where(done, torch.full_like(token, self.cfg.eos_id), token)
             generated.append(token)
+            history = torch.cat([history, token[:, None]], dim=1)  # (B, P + step + 1)
             done |= token == self.cfg.eos_id
             if bool(done.all()) or step == new - 1:
                 break

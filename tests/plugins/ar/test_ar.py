@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 import cdlm
 from cdlm.eval.gen_ppl import generative_perplexity, load_judge
 from cdlm.interfaces import GenerateRequest
+from cdlm_ar import lm
 
 TINY = [
     "model.hidden_size=32",
@@ -43,7 +44,8 @@ def test_training_lowers_the_loss(run: Path) -> None:
 
 def test_batched_prompts_of_different_lengths_match_one_by_one(run: Path) -> None:
     """Left padding, positions and the KV cache: a greedy batch equals each prompt sampled alone."""
-    loaded = cdlm.load_pretrained(run, overrides=["sample.temperature=0", "sample.max_new_tokens=12"])
+    overrides = ["sample.temperature=0", "sample.max_new_tokens=12", "sample.repetition_penalty=1.3"]
+    loaded = cdlm.load_pretrained(run, overrides=overrides)  # the penalty's history must not see the padding
     settings = loaded.config.sample
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15]]
     together = loaded.method.pipeline(GenerateRequest(3, prompts, settings), torch.Generator())
@@ -107,3 +109,22 @@ def test_texts_longer_than_the_judge_context_are_scored_in_chunks(run: Path, tmp
     long_text = " ".join(["the value of the object in the module"] * context)  # > context judge tokens
     assert len(judge.tokenizer(long_text)["input_ids"]) > context
     assert math.isfinite(generative_perplexity(judge, [long_text]).ppl)
+
+
+def test_the_repetition_penalty_sees_each_prompt_and_not_the_padding(
+    run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = cdlm.load_pretrained(run, overrides=["sample.temperature=0", "sample.max_new_tokens=2"])
+    seen: list[torch.Tensor] = []
+    real = lm.select_tokens
+
+    def recording(logits: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        seen.append(kwargs["previous_ids"])  # type: ignore[arg-type]
+        return real(logits, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lm, "select_tokens", recording)
+    prompts = [[5, 6, 7, 8], [12]]
+    loaded.method.pipeline(GenerateRequest(2, prompts, loaded.config.sample), torch.Generator())
+    pad = loaded.config.model.pad_id
+    assert [[t for t in row if t != pad] for row in seen[0].tolist()] == prompts  # no leading EOS, no padding
+    assert all(pad in row for row in seen[0].tolist())  # every row alike, whatever the others' lengths
