@@ -68,7 +68,7 @@ def plan(
             f"method {base.method!r}: its model section has no 'distill' field, so it cannot be distilled; a plugin "
             "opts in with `distill: DistillConfig | None` (cdlm.training.distill)"
         )
-    settings = DistillConfig.model_validate(raw["model"]["distill"] or {})
+    settings = base.model.distill or DistillConfig()  # the method's own class when the recipe sets it
     raw["model"]["distill"] = {**settings.model_dump(mode="json"), "teacher": str(teacher)}
     if not raw.get("stages"):
         raw["stages"] = curriculum(settings.steps, settings.teacher_steps, rounds or 5)

@@ -14,6 +14,9 @@ joint     vae, dit         ref_vae
 dit       dit              vae, ref_vae
 ========  ===============  ======================
 
+With ``model.distill`` set the DiT alone is trained, whatever the stage, as a few-step student of a frozen
+teacher's per-block transport (:mod:`cdlm_cola.distill`).
+
 ``ref_vae`` is Stage 2's reference encoder ``q_φref`` (:class:`~cdlm_cola.components.ReferenceVAE`): it takes
 the VAE's weights when joint training starts (the joint objective anchors it before its first loss, after
 ``train.init_from`` is loaded) and keeps them.
@@ -32,6 +35,7 @@ from torch import nn
 from cdlm.config import RunConfig
 from cdlm.errors import RecipeError
 from cdlm.interfaces import Method, MethodSpec
+from cdlm.training.distill import Teacher
 from cdlm_cola.components import ColaDecoder, ColaDenoiser, ColaEmbedder, ReferenceVAE
 from cdlm_cola.config import (
     ColaConfig,
@@ -42,6 +46,7 @@ from cdlm_cola.config import (
     read_dit_config,
     read_vae_config,
 )
+from cdlm_cola.distill import ColaDistillObjective
 from cdlm_cola.dit import ColaDiT
 from cdlm_cola.generate import ColaPipeline
 from cdlm_cola.objective import objective_for
@@ -79,12 +84,16 @@ def build(config: RunConfig) -> Method:
     embedder, denoiser, decoder = ColaEmbedder(vae), ColaDenoiser(dit, schedule), ColaDecoder(vae)
     modules: dict[str, nn.Module] = {"vae": vae, "dit": dit, "ref_vae": ref_vae}
     trained = {"vae": ("vae",), "joint": ("vae", "dit"), "dit": ("dit",)}[cfg.stage]
+    objective = objective_for(cfg, vae, dit, ref_vae, schedule)
+    if cfg.distill is not None:  # a few-step student of the per-block transport; the teacher is read on first use
+        objective = ColaDistillObjective(embedder, denoiser, schedule, Teacher(cfg.distill), cfg.distill)
+        trained = ("dit",)
     return Method(
         embedder=embedder,
         denoiser=denoiser,
         schedule=schedule,
         discretizer=decoder,
-        objective=objective_for(cfg, vae, dit, ref_vae, schedule),
+        objective=objective,
         pipeline=ColaPipeline(cfg, embedder=embedder, denoiser=denoiser, schedule=schedule, decoder=decoder),
         vocab_size=vae.config.vocab_size,
         trainable={k: m for k, m in modules.items() if k in trained},

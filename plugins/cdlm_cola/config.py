@@ -25,6 +25,7 @@ from pydantic import (
 
 from cdlm.config import RunConfig, SampleConfig, Section
 from cdlm.errors import CheckpointError
+from cdlm.training.distill import DistillConfig
 
 Config = TypeVar("Config", bound="_HfConfig")
 HF_BOOKKEEPING_KEYS = frozenset({"architectures", "model_type", "transformers_version", "torch_dtype", "dtype"})
@@ -185,6 +186,17 @@ def read_vae_config(directory: str | Path) -> ColaVaeConfig:
     return _read_config(directory, ColaVaeConfig, "VAE")
 
 
+class ColaDistillConfig(DistillConfig):
+    """A Cola distillation round (:mod:`cdlm_cola.distill`): the core's settings plus the guidance folded in."""
+
+    guidance: float = Field(
+        1.0,
+        ge=0.0,
+        description="classifier-free guidance scale of the teacher, folded into the student, which then samples "
+        "with sample.guidance=1 (1: an unguided teacher)",
+    )
+
+
 class ColaConfig(Section):
     """The ``model:`` section of Cola recipes: both networks, where their weights come from, and the objective.
 
@@ -243,6 +255,8 @@ class ColaConfig(Section):
     mask_ratio: float = Field(0.15, ge=0.0, le=1.0)
     fm_weight: NonNegativeFloat = 1.0
     ref_kl_weight: NonNegativeFloat = 0.1
+    # progressive distillation of the per-block transport (cdlm_cola.distill): set to train the DiT as a student
+    distill: ColaDistillConfig | None = None
 
     @model_validator(mode="after")
     def _check_block_size_probs(self) -> ColaConfig:
@@ -297,6 +311,14 @@ def check_run(config: RunConfig) -> list[tuple[tuple[str, ...], str]]:
     cfg: ColaConfig = config.model
     problems = []
     sample: ColaSampleConfig = config.sample
+    if cfg.distill is not None and cfg.distill.guidance != 1.0 and sample.guidance != 1.0:
+        problems.append(
+            (
+                ("model.distill.guidance", "sample.guidance"),
+                f"the student learns the teacher guided at {cfg.distill.guidance}, so sampling it with guidance "
+                f"{sample.guidance} would guide twice; set sample.guidance=1",
+            )
+        )
     if sample.max_new_tokens > cfg.max_length:
         problems.append(
             (
