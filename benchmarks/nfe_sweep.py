@@ -5,7 +5,8 @@
 For each solver, ``cdlm eval`` samples the model at the step counts that spend about ``--nfe`` network
 evaluations per sample (Heun and midpoint evaluate twice per step, so they take half the steps; ELF's last step
 is always one Euler evaluation, and the decoder adds one), and the judge scores the samples; the table and plot
-show the NFE each run actually spent. ``--student
+show the NFE each run actually spent. ``--grids`` repeats each solver on other time grids (``uniform``,
+``logit_normal_quantiles``, ``shifted:3``; ``default`` is the model's own). ``--student
 NAME=RUN`` adds a distilled model (``cdlm distill``) sampled at its own steps with its own settings (``--solvers
 '' --student … --add`` adds students to an earlier sweep). Writes ``sweep.md``, ``sweep.json`` and ``sweep.png``
 under ``--out``.
@@ -40,6 +41,15 @@ def score(name: str, model: Path, steps: list[int], extra: list[str], judge: Pat
     ]
 
 
+def grid_flags(grid: str) -> list[str]:
+    """``cdlm eval`` flags of a grid spec: default (none), a grid name, or ``shifted:SHIFT``."""
+    if grid == "default":
+        return []
+    name, _, shift = grid.partition(":")
+    flags = ["--set", f"sample.grid={name}"]
+    return flags + (["--set", f"sample.grid_shift={shift}"] if shift else [])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="the teacher: an ELF run")
@@ -47,6 +57,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/nfe"))
     parser.add_argument("--nfe", default="4,8,16,32", help="rollout evaluations per sample")
     parser.add_argument("--solvers", default="euler,sde,dpm2m,heun,midpoint")
+    parser.add_argument(
+        "--grids",
+        default="default",
+        help="time grids per solver: default (the model's), uniform, logit_normal_quantiles, shifted:SHIFT",
+    )
     parser.add_argument("--student", action="append", default=[], help="NAME=RUN of a distilled student")
     parser.add_argument("--num-samples", type=int, default=48)
     parser.add_argument("--add", action="store_true", help="keep the rows of the sweep already in --out")
@@ -57,7 +72,10 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for solver in filter(None, args.solvers.split(",")):
         steps = sorted({max(1, b // EVALS_PER_STEP[solver]) for b in budgets})
-        rows += score(solver, args.model, steps, ["--sampler", solver], args.judge, out, args.num_samples)
+        for grid in args.grids.split(","):
+            name = solver if grid == "default" else f"{solver}, {grid}"
+            flags = ["--sampler", solver, *grid_flags(grid)]
+            rows += score(name, args.model, steps, flags, args.judge, out, args.num_samples)
     for student in args.student:
         name, _, run = student.partition("=")
         if not run:
