@@ -78,10 +78,14 @@ class Teacher:
 
 
 def student_times(u: Tensor, steps: int) -> tuple[Tensor, Tensor]:
-    """Return the student span ``t_s = u·max(1 − Δ, 1e-6)``, ``t_t = t_s + Δ`` (Δ = 1/steps) for times u (B,)."""
+    """Return the student span ``t_s = u·max(1 − Δ, 1e-6)``, ``t_t = min(t_s + Δ, 1)`` (Δ = 1/steps) for times u (B,).
+
+    Only a one-step round reaches past the data end (the reference's ``t_t`` is then up to 1 + 1e-6): the span stops
+    at 1, where the shared solver's grid ends, which moves the implied target by at most 1e-6 of a step.
+    """
     delta = 1.0 / steps
     t_s = u * max(1.0 - delta, SPAN_FLOOR)  # (B,)
-    return t_s, t_s + delta
+    return t_s, (t_s + delta).clamp(max=1.0)
 
 
 def teacher_grid(t_s: Tensor, t_t: Tensor, inner: Tensor) -> Tensor:

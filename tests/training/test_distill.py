@@ -30,6 +30,9 @@ def test_student_span_and_teacher_grid() -> None:
     grid = teacher_grid(t_s, t_t, torch.tensor([[0.5, 0.25], [0.1, 0.9], [0.3, 0.6]]))
     torch.testing.assert_close(grid[0], torch.tensor([0.0, 0.0625, 0.125, 0.25]))
     assert grid.shape == (3, 4) and bool((grid[:, 1:] > grid[:, :-1]).all())
+    t_s, t_t = student_times(torch.tensor([0.0, 0.5, 1.0]), steps=1)  # one step: the span ends at the data
+    torch.testing.assert_close(t_s, torch.tensor([0.0, 5e-7, 1e-6]))
+    assert bool((t_t == 1.0).all())
 
 
 def test_implied_target_recovers_x_on_a_straight_path() -> None:
