@@ -5,7 +5,7 @@
 For each solver, ``cdlm eval`` samples the model at the step counts that spend about ``--nfe`` network
 evaluations per sample (Heun and midpoint evaluate twice per step, so they take half the steps; ELF's last step
 is always one Euler evaluation, and the decoder adds one), and the judge scores the samples; the table and plot
-show the NFE each run actually spent. ``--grids`` repeats each solver on other time grids (``uniform``,
+show the NFE each run actually spent. ``--grids`` repeats each solver and student on other time grids (``uniform``,
 ``logit_normal_quantiles``, ``shifted:3``; ``default`` is the model's own). ``--student
 NAME=RUN`` adds a distilled model (``cdlm distill``) sampled at its own steps with its own settings (``--solvers
 '' --student … --add`` adds students to an earlier sweep). Writes ``sweep.md``, ``sweep.json`` and ``sweep.png``
@@ -52,7 +52,7 @@ def grid_flags(grid: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True, help="the teacher: an ELF run")
+    parser.add_argument("--model", type=Path, required=True, help="the teacher: an ELF or Cola run")
     parser.add_argument("--judge", type=Path, required=True, help="a causal-LM judge directory")
     parser.add_argument("--out", type=Path, default=Path("runs/nfe"))
     parser.add_argument("--nfe", default="4,8,16,32", help="rollout evaluations per sample")
@@ -80,7 +80,9 @@ def main() -> None:
         name, _, run = student.partition("=")
         if not run:
             sys.exit(f"--student {student}: expected NAME=RUN")
-        rows += score(name, Path(run), [], [], args.judge, out, args.num_samples)
+        for grid in args.grids.split(","):
+            label = name if grid == "default" else f"{name}, {grid}"
+            rows += score(label, Path(run), [], grid_flags(grid), args.judge, out, args.num_samples)
     if args.add:  # rows of an earlier sweep in --out, then the ones just scored
         rows = json.loads((out / "sweep.json").read_text(encoding="utf-8")) + rows
     print(write(rows, out))
