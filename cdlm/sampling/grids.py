@@ -111,11 +111,13 @@ def logit_normal_quantiles(n: int, mean: float = -1.5, std: float = 0.8) -> Tens
     return torch.cat([torch.zeros(1, dtype=torch.float64), inner, torch.ones(1, dtype=torch.float64)]).float()
 
 
-def check_grid(grid: Tensor) -> None:
+def check_grid(grid: Tensor, *, repeats: bool = False) -> None:
     """Check that ``grid`` holds at least two times per row, strictly increasing, within [0, 1].
 
     Args:
         grid: (n + 1,) float times shared by every row, or (B, n + 1) one grid per row.
+        repeats: also accept a time equal to the one before it, a step of length zero (drawn sub-step times
+            can tie in fp32; an Euler step of length zero leaves the state where it is).
 
     Raises:
         DataError: the grid has the wrong shape or dtype, or the message names the offending entries.
@@ -130,14 +132,16 @@ def check_grid(grid: Tensor) -> None:
     if outside:
         found = ", ".join(f"grid{_at(i)} = {values[tuple(i)].item():.7g}" for i in outside[:8])
         raise DataError(f"time grid: expected every time within [0, 1]; found {found}")
-    stalls = torch.nonzero(values[..., 1:] <= values[..., :-1]).tolist()
+    later = values[..., 1:]
+    stalls = torch.nonzero(later < values[..., :-1] if repeats else later <= values[..., :-1]).tolist()
     if stalls:
         found = ", ".join(
             f"grid{_at(i)} = {values[tuple(i)].item():.7g} ≥ grid{_at(i, 1)} = "
             f"{values[tuple(i[:-1]) + (i[-1] + 1,)].item():.7g}"
             for i in stalls[:8]
         )
-        raise DataError(f"time grid: expected strictly increasing times; found {found}")
+        allowed = " (or equal ones)" if repeats else ""
+        raise DataError(f"time grid: expected strictly increasing times{allowed}; found {found}")
 
 
 def _at(index: list[int], shift: int = 0) -> str:

@@ -165,6 +165,17 @@ def test_bad_arguments(kwargs: dict, message: str) -> None:
 def test_bad_grid_is_rejected() -> None:
     with pytest.raises(ValueError, match="strictly increasing"):
         integrate(decay, torch.ones(1, 1, 1), torch.tensor([0.0, 0.6, 0.3, 1.0]))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        integrate(decay, torch.ones(1, 1, 1), torch.tensor([0.0, 0.3, 0.3, 1.0]), method="heun")
+
+
+def test_a_repeated_time_is_a_zero_length_euler_step() -> None:
+    """Drawn sub-step times can tie in fp32 (progressive distillation's teacher grids): the step leaves z."""
+    z = torch.ones(2, 1, 1)
+    tied = integrate(decay, z, torch.tensor([[0.0, 0.3, 0.3, 1.0], [0.0, 0.2, 0.5, 1.0]]), last_step="same")
+    untied = integrate(decay, z[:1], torch.tensor([0.0, 0.3, 1.0]), last_step="same")
+    torch.testing.assert_close(tied.z[:1], untied.z)  # (the zero step's x̂ only feeds self-conditioning)
+    assert tied.nfe == 3
 
 
 MU, TAU, S = 0.7, 0.5, 2.0  # Gaussian data N(μ, τ²), noise scale s: the x-prediction flow is exactly solvable
