@@ -9,14 +9,15 @@ x̂ at ``(z_{t_s}, t_s)`` on x* (x-space MSE, per-example means over the loss ma
 
 Any method whose Denoiser and FlowSchedule feed the shared samplers is distilled by
 :class:`ProgressiveDistillation`; a method with extra training branches (ELF's decoder rows and
-self-conditioning) composes :func:`student_times`, :func:`teacher_grid`, :func:`teacher_target` and
-:func:`per_example_mean` in its own objective. A plugin opts in by giving its ``model:`` section a
-``distill: DistillConfig | None`` field.
+self-conditioning) or its own layout (Cola's blocks) composes :func:`draw_spans` (or :func:`student_times` and
+:func:`teacher_grid`), :func:`teacher_target` and :func:`per_example_mean` in its own objective. A plugin opts
+in by giving its ``model:`` section a ``distill: DistillConfig | None`` field (a subclass for extra settings).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from pydantic import Field, PositiveInt
@@ -134,6 +135,36 @@ def teacher_target(
     return torch.where(span < FALLBACK_SPAN, out.x, target)
 
 
+@dataclass(frozen=True)
+class SpanDraws:
+    """One distillation step's random draws, made into what the student and the teacher read.
+
+    Attributes:
+        t_s: (B,) the student's span starts (core time).
+        grid: (B, teacher_steps + 1) each row's teacher sub-step grid from ``t_s`` to its span end.
+        z: (B, N, C) the noisy state at ``t_s``.
+    """
+
+    t_s: Tensor
+    grid: Tensor
+    z: Tensor
+
+
+def draw_spans(schedule: FlowSchedule, x: Tensor, settings: DistillConfig, generator: torch.Generator) -> SpanDraws:
+    """Draw, in order, the student times u, the noise ε (B, N, C) and the teacher's inner sub-step times.
+
+    u and the inner times are training times of ``schedule`` (``sample_t``; B·(teacher_steps − 1) inner ones), drawn
+    on the generator's device and moved to x's. Returns the spans of :func:`student_times`, the grids of
+    :func:`teacher_grid` and ``z = interpolate(x, ε, t_s)``.
+    """
+    B, n = x.shape[0], settings.teacher_steps
+    u = schedule.sample_t(B, generator).to(x.device)  # (B,)
+    eps = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)  # (B, N, C)
+    t_s, t_t = student_times(u, settings.steps)
+    inner = schedule.sample_t(B * (n - 1), generator).to(x.device).view(B, n - 1)  # (B, n - 1)
+    return SpanDraws(t_s=t_s, grid=teacher_grid(t_s, t_t, inner), z=schedule.interpolate(x, eps, t_s))
+
+
 def per_example_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Return per-row means (B,) of ``values`` (B, L) over ``mask`` (B, L) (float), each denominator ≥ 1."""
     return (values * mask).sum(dim=-1) / mask.sum(dim=-1).clamp_min(1.0)
@@ -151,8 +182,7 @@ def schedule_predict(denoiser: Denoiser, schedule: FlowSchedule, cond: object = 
 class ProgressiveDistillation(Objective):
     """Progressive distillation of any four-component method (unconditional, no self-conditioning).
 
-    Draws, in order: the student times u (``schedule.sample_t``), the noise ε (B, N, C), then the teacher's
-    inner sub-step times (``schedule.sample_t`` of B·(n − 1)) when ``teacher_steps`` > 1.
+    Draws as :func:`draw_spans` does.
 
     Args:
         embedder: maps a batch to the clean latents x (B, N, C).
@@ -171,14 +201,10 @@ class ProgressiveDistillation(Objective):
     def __call__(self, batch: TokenBatch, generator: torch.Generator) -> LossOutput:
         """Draw this step's times and noise from ``generator`` and return the x-space distillation loss."""
         x = self.embedder(batch).float()  # (B, N, C)
-        B, n = x.shape[0], self.settings.teacher_steps
-        u = self.schedule.sample_t(B, generator).to(x.device)  # (B,)
-        eps = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)  # (B, N, C)
-        t_s, t_t = student_times(u, self.settings.steps)
-        inner = self.schedule.sample_t(B * (n - 1), generator).to(x.device).view(B, n - 1)  # (B, n - 1)
-        z = self.schedule.interpolate(x, eps, t_s)  # (B, N, C)
+        draws = draw_spans(self.schedule, x, self.settings, generator)
+        z, t_s = draws.z, draws.t_s
         predict = schedule_predict(self.teacher.denoiser(x.device), self.schedule)
-        target = teacher_target(predict, z, teacher_grid(t_s, t_t, inner), torch.zeros_like(z))
+        target = teacher_target(predict, z, draws.grid, torch.zeros_like(z))
         x_hat = self.schedule.predict(self.denoiser(z, t_s, None), z, t_s).x  # (B, N, C)
         per_token = (x_hat - target).pow(2).mean(dim=-1)  # (B, N)
         loss = per_example_mean(per_token, batch.mask.float()).mean()

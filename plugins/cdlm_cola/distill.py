@@ -29,7 +29,7 @@ from cdlm.errors import DataError
 from cdlm.interfaces import LossOutput, Objective, TokenBatch
 from cdlm.sampling.guidance import combine
 from cdlm.sampling.types import PredictFn, Prediction
-from cdlm.training.distill import Teacher, per_example_mean, student_times, teacher_grid, teacher_target
+from cdlm.training.distill import Teacher, draw_spans, per_example_mean, teacher_target
 from cdlm_cola import layout
 from cdlm_cola.components import ColaDenoiser, ColaEmbedder
 from cdlm_cola.config import ColaDistillConfig
@@ -83,8 +83,7 @@ def guided_transport(dit: ColaDiT, schedule: ColaSchedule, x: Tensor, guidance: 
 class ColaDistillObjective(Objective):
     """Progressive distillation of the DiT's per-block transport (module docstring); the VAE stays frozen.
 
-    Draws, in order: the student times u (``schedule.sample_t``), the noise ε (B, n, C), then the teacher's inner
-    sub-step times (``schedule.sample_t`` of B·(teacher_steps − 1)) when ``teacher_steps`` > 1.
+    Draws as the core's :func:`~cdlm.training.distill.draw_spans` does.
 
     Args:
         embedder: the VAE encoder (posterior mode, scaled).
@@ -120,18 +119,14 @@ class ColaDistillObjective(Objective):
             )
         with torch.no_grad():
             x = self.embedder(batch).float()  # (B, n, C)
-        B, n = x.shape[0], self.settings.teacher_steps
-        u = self.schedule.sample_t(B, generator).to(x.device)  # (B,)
-        eps = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)  # (B, n, C)
-        t_s, t_t = student_times(u, self.settings.steps)
-        inner = self.schedule.sample_t(B * (n - 1), generator).to(x.device).view(B, n - 1)  # (B, n - 1)
-        z = self.schedule.interpolate(x, eps, t_s)  # (B, n, C)
+        draws = draw_spans(self.schedule, x, self.settings, generator)
+        z, t_s = draws.z, draws.t_s  # (B, n, C), (B,)
         teacher = self.teacher.denoiser(x.device)
         assert isinstance(teacher, ColaDenoiser), f"the teacher of a Cola student is a Cola run, got {type(teacher)}"
         predict = guided_transport(teacher.dit, self.schedule, x, self.settings.guidance)
-        target = teacher_target(predict, z, teacher_grid(t_s, t_t, inner), torch.zeros_like(z))  # (B, n, C)
+        target = teacher_target(predict, z, draws.grid, torch.zeros_like(z))  # (B, n, C)
         student = block_velocity(dit, self.schedule, x, z, t_s, history=True)
         x_hat = self.schedule.predict(student, z, t_s).x  # (B, n, C)
-        real = batch.mask.view(B, -1, ps).any(dim=-1).float()  # (B, n): a latent is real when one of its tokens is
+        real = batch.mask.view(x.shape[0], -1, ps).any(dim=-1).float()  # (B, n): real when one of its tokens is
         loss = per_example_mean((x_hat - target).pow(2).mean(dim=-1), real).mean()
         return LossOutput(loss=loss, metrics={"pd_loss": float(loss.detach())})
