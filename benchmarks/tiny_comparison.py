@@ -204,6 +204,7 @@ def plot(rows: list[dict[str, Any]], path: Path, *, x: str = "steps", xlabel: st
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # more lines than the default cycle's 10 colours
     for model in dict.fromkeys(r["name"] for r in rows if r.get(x)):
         points = sorted((r[x], r["gen_ppl"]) for r in rows if r["name"] == model)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model)
