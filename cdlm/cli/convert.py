@@ -24,7 +24,7 @@ def convert(
         str,
         typer.Option(
             help="cdlm (checkpoint directory: raw + EMA weights), hf (save_pretrained layout with a model card), "
-            "or a released format: elf-official, cola-official"
+            "or a released format of the source's method: elf-official (elf), cola-official (cola), hf-causal-lm (ar)"
         ),
     ] = "cdlm",
     set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE override of the source's config")] = None,
