@@ -208,9 +208,9 @@ def plot(rows: list[dict[str, Any]], path: Path, *, x: str = "steps", xlabel: st
     for model in dict.fromkeys(r["name"] for r in rows if r.get(x)):
         points = sorted((r[x], r["gen_ppl"]) for r in rows if r["name"] == model)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model)
-    for r in rows:
-        if not r.get(x):
-            ax.axhline(r["gen_ppl"], linestyle="--", linewidth=1, label=r["name"])
+    references = [r for r in rows if not r.get(x)]
+    for r, color in zip(references, plt.cm.Dark2.colors * len(references), strict=False):
+        ax.axhline(r["gen_ppl"], linestyle="--", linewidth=1, color=color, label=r["name"])
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
