@@ -166,7 +166,7 @@ def generative_perplexity(
         on_batch: called with (batches done, batches in all) after each batch.
 
     Raises:
-        DataError: no non-empty sample.
+        DataError: no non-empty sample, or no sample longer than one judge token.
     """
     if judge.model is None:
         raise ValueError("generative_perplexity needs a judge loaded with_model=True")
@@ -194,6 +194,11 @@ def generative_perplexity(
             count[rows] += weights.sum(axis=-1)
         if on_batch is not None:
             on_batch(b + 1, num_batches)
+    if count.sum() == 0:
+        raise DataError(
+            f"gen_ppl: none of the {len(kept)} samples has a judge token to score after its first (each is one judge "
+            "token); a judge scores a token from the ones before it, so give longer samples or a finer judge"
+        )
     with np.errstate(divide="ignore", invalid="ignore"):
         per_sample = np.where(count > 0, np.exp(nll_sum / count), np.nan)
     tokens = [ids[i, : int(mask[i].sum())].tolist() for i in range(len(kept))]

@@ -58,3 +58,5 @@ def test_errors_name_the_judge_and_the_input(tmp_path: Path, judge_dir: Path) ->
         load_judge(str(tmp_path / "nothing"))
     with pytest.raises(DataError, match="empty"):
         generative_perplexity(load_judge(str(judge_dir), dtype="fp32"), [" ", ""])
+    with pytest.raises(DataError, match="none of the 2 samples has a judge token to score"):
+        generative_perplexity(load_judge(str(judge_dir), dtype="fp32"), ["cat", "alalal"])  # one word each
