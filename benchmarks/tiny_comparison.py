@@ -71,12 +71,14 @@ def last_stage(recipe: str) -> tuple[str | None, bool]:
     return stage, config.train.lr_schedule != "constant"
 
 
+def records(directory: Path) -> list[dict[str, Any]]:
+    """Return the logged metrics records of a finished run (or stage) directory, in order."""
+    lines = (directory / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 def timing(run: Path, stage: str | None) -> tuple[float, float]:
     """Return (seconds per step of the timed stage, seconds spent in the stages before it) of a finished run."""
-
-    def records(directory: Path) -> list[dict[str, Any]]:
-        lines = (directory / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
 
     timed = records(run / stage if stage else run)
     first, last = timed[0], timed[-1]  # the first record is past the first (slowest) steps
@@ -111,7 +113,7 @@ def train(
     started = time.monotonic()
     limit = ["--set", f"{key}.steps={steps}", "--set", f"{key}.max_minutes={budget:.4f}"]
     cdlm("train", "--recipe", recipe, "-o", str(out), *data_overrides(data), *limit, *extra, log=log)
-    trained = json.loads((out / stage if stage else out).joinpath("metrics.jsonl").read_text().splitlines()[-1])
+    trained = records(out / stage if stage else out)[-1]
     return {
         "seconds_per_step": per_step,
         "planned_steps": planned if decays else None,

@@ -83,9 +83,10 @@ def build(config: RunConfig) -> Method:
     schedule = ColaSchedule(cfg)
     embedder, denoiser, decoder = ColaEmbedder(vae), ColaDenoiser(dit, schedule), ColaDecoder(vae)
     modules: dict[str, nn.Module] = {"vae": vae, "dit": dit, "ref_vae": ref_vae}
-    trained = {"vae": ("vae",), "joint": ("vae", "dit"), "dit": ("dit",)}[cfg.stage]
-    objective = objective_for(cfg, vae, dit, ref_vae, schedule)
-    if cfg.distill is not None:  # a few-step student of the per-block transport; the teacher is read on first use
+    if cfg.distill is None:
+        objective = objective_for(cfg, vae, dit, ref_vae, schedule)
+        trained = {"vae": ("vae",), "joint": ("vae", "dit"), "dit": ("dit",)}[cfg.stage]
+    else:  # a few-step student of the per-block transport; the teacher is read on first use
         objective = ColaDistillObjective(embedder, denoiser, schedule, Teacher(cfg.distill), cfg.distill)
         trained = ("dit",)
     return Method(
