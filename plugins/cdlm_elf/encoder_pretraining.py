@@ -10,9 +10,9 @@ build and discard), and its outputs must keep each token recoverable, which ELF'
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from cdlm.interfaces import LossOutput, Objective, TokenBatch
-from cdlm.objective import token_cross_entropy
 from cdlm_elf.config import ElfConfig
 from cdlm_elf.embedder import T5Embedder, encoder_mask
 
@@ -30,18 +30,22 @@ class MaskedLMObjective(Objective):
         self.embedder, self.mask_prob, self.mask_id = embedder, cfg.encoder.mlm_mask_prob, cfg.encoder.vocab_size - 1
 
     def __call__(self, batch: TokenBatch, generator: torch.Generator) -> LossOutput:
-        """Return the mean cross-entropy over the masked tokens, and the share of them predicted right."""
+        """Return the mean cross-entropy over the masked tokens, and the share of them predicted right.
+
+        The head runs on the masked rows only (``mlm_mask_prob`` of them): with a BPE of a few thousand tokens the
+        (B, L, V) logits of every row would cost more than the encoder itself.
+        """
         assert self.embedder.mlm_head is not None
         draw = torch.rand(batch.ids.shape, generator=generator, device=generator.device).to(batch.ids.device)
         masked = (draw < self.mask_prob) & batch.mask & ~batch.cond_mask  # (B, L)
         inputs = batch.ids.masked_fill(masked, self.mask_id)  # (B, L)
         hidden = self.embedder.hidden_states(inputs, encoder_mask(batch.mask, batch.cond_mask))  # (B, L, C)
-        logits = self.embedder.mlm_head(hidden)  # (B, L, V)
-        weights = masked.float()
-        ce = token_cross_entropy(logits, batch.ids)  # (B, L)
-        count = weights.sum().clamp_min(1)
-        accuracy = ((logits.argmax(-1) == batch.ids).float() * weights).sum() / count
-        return LossOutput(loss=(ce * weights).sum() / count, metrics={"mlm_accuracy": float(accuracy)})
+        logits = self.embedder.mlm_head(hidden[masked]).float()  # (M, V), M masked tokens
+        targets = batch.ids[masked]  # (M,)
+        count = max(int(targets.numel()), 1)
+        loss = F.cross_entropy(logits, targets, reduction="sum") / count
+        accuracy = (logits.argmax(-1) == targets).float().sum() / count
+        return LossOutput(loss=loss, metrics={"mlm_accuracy": float(accuracy)})
 
 
 def trainable_encoder(embedder: T5Embedder) -> T5Embedder:

@@ -21,6 +21,8 @@ ENCODER = (
 )
 TINY = [
     f"model.encoder={ENCODER}",
+    "model.vocab_size=512",
+    "data.vocab_size=512",
     "model.latent_dim=32",
     "model.hidden_size=32",
     "model.depth=1",
@@ -61,6 +63,23 @@ def test_masked_lm_masks_only_loss_tokens_at_the_rate() -> None:
     assert 0.12 < masked[:, 4:24].float().mean().item() < 0.18
 
 
+def test_masked_lm_loss_is_the_mean_cross_entropy_of_the_masked_tokens() -> None:
+    method = cdlm.build(cdlm.load_recipe("elf-tiny", [*TINY, "model.stage=encoder"]))
+    objective = method.objective
+    assert isinstance(objective, MaskedLMObjective)
+    ids = torch.randint(2, 512, (16, 32), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    out = objective(TokenBatch(ids, mask, torch.zeros_like(mask)), torch.Generator().manual_seed(1))
+    # the same draw, then the head on every row and the loss masked afterwards
+    masked = torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < objective.mask_prob
+    embedder = objective.embedder
+    with torch.no_grad():
+        hidden = embedder.hidden_states(ids.masked_fill(masked, objective.mask_id), torch.ones(16, 32, 32).bool())
+        ce = torch.nn.functional.cross_entropy(embedder.mlm_head(hidden).flatten(0, 1), ids.flatten(), reduction="none")
+    expected = (ce * masked.flatten()).sum() / masked.sum()
+    torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-6, atol=0)
+
+
 def test_the_flow_stage_freezes_the_encoder_the_first_stage_trained(tmp_path: Path) -> None:
     config = cdlm.load_recipe("elf-tiny", [*TINY, STAGES])
     cdlm.train(config, tmp_path / "run")
@@ -81,7 +100,7 @@ def test_the_flow_stage_freezes_the_encoder_the_first_stage_trained(tmp_path: Pa
     [
         (["model.stage=encoder", "model.encoder.mlm_mask_prob=null"], "model.stage: encoder needs model.encoder.mlm"),
         (
-            [f"model.encoder={ENCODER.replace('513', '512')}"],
+            [f"model.encoder={ENCODER.replace('513', '512')}", "model.vocab_size=512"],
             "model.encoder.vocab_size: 512: a masked-LM encoder needs one id past the model.vocab_size 512",
         ),
     ],
