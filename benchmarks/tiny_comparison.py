@@ -43,6 +43,9 @@ MODELS = ("ar-tiny", "elf-tiny", "cola-tiny")
 STEPS = (8, 16, 32, 64)
 CALIBRATION_STEPS = 30
 JUDGE_RUN = "judge-run"  # the judge: ar-tiny trained with another seed, so the baseline is not scored by itself
+JUDGE_BPE = ["--set", "data.vocab_size=512", "--set", "model.vocab_size=512"]
+"""The judge keeps the 512-token BPE of the earlier comparisons (benchmarks/RESULTS.md), so that its Gen PPL of a text
+stays comparable with theirs; Gen PPL is per judge token, whatever tokenizer a model samples with."""
 
 
 def cdlm(*args: str, log: Path) -> None:
@@ -123,15 +126,16 @@ def train(
     }
 
 
-def real_chunks(data: Path, judge: Path, count: int, tokens: int, seed: int) -> dict[str, list[str]]:
-    """Return the reference texts, ``count`` each of ``tokens`` judge tokens (fixed ``seed``).
+def real_chunks(data: Path, tokenizer_file: Path, count: int, tokens: int, seed: int) -> dict[str, list[str]]:
+    """Return the reference texts, ``count`` each of ``tokens`` tokens of ``tokenizer_file`` (fixed ``seed``).
 
     ``real``: chunks of held-out Persuasion at random positions; ``shuffled``: the same chunks with their words
-    shuffled; ``unigram``: tokens drawn independently from the judge-token frequencies of the training novels.
+    shuffled; ``unigram``: tokens drawn independently from the token frequencies of the training novels. Cut with
+    the baseline's tokenizer, the chunks hold as much text as its samples (Gen PPL and entropy grow with length).
     """
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast
 
-    tokenizer = AutoTokenizer.from_pretrained(str(judge))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
 
     def paragraphs(path: Path) -> str:
         text = gzip.open(path, "rt", encoding="utf-8").read()
@@ -282,7 +286,7 @@ def main() -> None:
         print(f"training {', '.join(models)} for {args.minutes} min each, {args.jobs} at a time", flush=True)
         stages = {m: last_stage(m) for m in models}  # read here: plugins are imported once, not in threads
         jobs = {m: (m, []) for m in models}  # run name → (recipe, extra flags)
-        jobs[JUDGE_RUN] = ("ar-tiny", ["--set", f"seed={args.judge_seed}"])
+        jobs[JUDGE_RUN] = ("ar-tiny", ["--set", f"seed={args.judge_seed}", *JUDGE_BPE])
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each job is a cdlm process
             runs = {
                 name: pool.submit(
@@ -303,7 +307,8 @@ def main() -> None:
         scores = {k: metrics[k] for k in ("gen_ppl", "entropy")}
         return {"name": name, **extra, **scores, "corpus_words": corpus_words(texts, vocabulary)}
 
-    for key, texts in real_chunks(args.data, judge, args.num_samples, tokens=63, seed=0).items():
+    chunks = real_chunks(args.data, out / "ar-tiny" / "tokenizer.json", args.num_samples, tokens=63, seed=0)
+    for key, texts in chunks.items():
         found = evaluate(key, ["--samples", str(write_texts(out / f"{key}.jsonl", texts))], judge, out, log)
         rows.append(row(REFERENCES[key], found["results"][0]["metrics"], texts))
     own = evaluate("ar-tiny", ["--checkpoint", str(out / "ar-tiny"), "--num-samples", n], judge, out, log)

@@ -11,9 +11,13 @@ from safetensors.torch import load_file
 import cdlm
 from cdlm.data.pack import prepare
 from cdlm.errors import CheckpointError, DataError, RecipeError
+from tiny import SMALL_BPE
 
 # elf-tiny without its masked-LM encoder stage (tests/plugins/elf/test_encoder_pretraining.py covers it)
-QUICK = ["stages=[]", "train.steps=2", "train.batch_size=4", "train.save_every=2", "data.max_rows=40", "model.depth=1"]
+QUICK = [
+    *["stages=[]", "train.steps=2", "train.batch_size=4", "train.save_every=2", "data.max_rows=40", "model.depth=1"],
+    *SMALL_BPE,
+]
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:

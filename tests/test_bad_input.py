@@ -22,9 +22,13 @@ import cdlm
 from cdlm.cli.__main__ import main
 from cdlm.errors import CdlmError
 from cdlm.interfaces import GenerateRequest
+from tiny import SMALL_BPE
 
 # elf-tiny without its masked-LM encoder stage (tests/plugins/elf/test_encoder_pretraining.py covers it)
-TINY = ["stages=[]", "train.steps=2", "train.batch_size=4", "train.save_every=1", "data.max_rows=40", "model.depth=1"]
+TINY = [
+    *["stages=[]", "train.steps=2", "train.batch_size=4", "train.save_every=1", "data.max_rows=40", "model.depth=1"],
+    *SMALL_BPE,
+]
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 import cdlm
+from tiny import SMALL_BPE
 
 # elf-tiny without its masked-LM encoder stage (tests/plugins/elf/test_encoder_pretraining.py covers it)
 TINY = [
@@ -21,6 +22,7 @@ TINY = [
     "train.log_every=2",
     "train.save_every=2",
     "data.max_rows=60",
+    *SMALL_BPE,
 ]
 
 

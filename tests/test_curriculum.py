@@ -12,10 +12,12 @@ import cdlm
 from cdlm.curriculum import curriculum, plan
 from cdlm.errors import RecipeError
 from test_cli import cdlm_cli
+from tiny import SMALL_BPE
 
 TINY = [
     "train.batch_size=4",
     "data.max_rows=40",
+    *SMALL_BPE,
     "model.depth=1",
     "model.hidden_size=32",
     "model.max_length=16",

@@ -17,9 +17,13 @@ import cdlm
 from cdlm.errors import CheckpointError
 from cdlm.interfaces import GenerateOutput
 from conftest import shared_path
+from tiny import SMALL_BPE
 
 # elf-tiny without its masked-LM encoder stage (tests/plugins/elf/test_encoder_pretraining.py covers it)
-QUICK = ["stages=[]", "train.steps=2", "train.batch_size=4", "train.save_every=2", "data.max_rows=40", "model.depth=1"]
+QUICK = [
+    *["stages=[]", "train.steps=2", "train.batch_size=4", "train.save_every=2", "data.max_rows=40", "model.depth=1"],
+    *SMALL_BPE,
+]
 SAMPLE = ["sample.num_samples=2", "sample.steps=3"]
 COLA_SAMPLE = ["sample.max_new_tokens=16", "model.per_sample_noise_seed=66", "sample.batch_size=20"]
 

@@ -97,10 +97,10 @@ def test_a_stage_cannot_set_another_methods_setting() -> None:
         ("elf-tiny", ["data.seq_len=128"], ["--set data.seq_len=128: data.seq_len: 128", "model.max_length 64"]),
         (
             "elf-tiny",
-            ["data.vocab_size=1024", "model.vocab_size=1024", "model.encoder.mlm_mask_prob=null"],
-            ["model.encoder.vocab_size 513"],
+            ["data.vocab_size=8192", "model.vocab_size=8192", "model.encoder.mlm_mask_prob=null"],
+            ["model.encoder.vocab_size 4097"],
         ),
-        ("elf-tiny", ["model.eos_id=512"], ["--set model.eos_id=512: model.eos_id: 512", "[0, 512)"]),
+        ("elf-tiny", ["model.eos_id=4096"], ["--set model.eos_id=4096: model.eos_id: 4096", "[0, 4096)"]),
         ("cola-tiny", ["sample.max_new_tokens=5000"], ["sample.max_new_tokens: 5000", "model.max_length 4096"]),
         ("cola-tiny", ["data.vocab_size=1024"], ["data.vocab_size: 1024", "model.vae.vocab_size 512"]),
         ("cola-tiny", ["data.seq_len=2"], ["--set data.seq_len=2: model.block_sizes", "at most 2 latents"]),

@@ -11,8 +11,9 @@ import cdlm
 from cdlm.cli import progress
 from cdlm.interfaces import GenerateOutput, GenerateRequest
 from cdlm_cola.config import ColaSampleConfig
+from tiny import SMALL_BPE
 
-TINY = ["train.steps=1", "train.batch_size=4", "data.max_rows=40", "model.depth=1"]
+TINY = ["train.steps=1", "train.batch_size=4", "data.max_rows=40", "model.depth=1", *SMALL_BPE]
 
 
 def test_sampled_text_has_no_fragments_of_split_characters(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from tokenizers.pre_tokenizers import Whitespace
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 import cdlm
+from tiny import SMALL_BPE
 
 WORDS = "the a cat dog sat ran on mat log and it was big small red blue . , is of".split()
 EOS = "<|endoftext|>"
@@ -47,7 +48,10 @@ def zero_judge_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_judge(tmp_path_factory.mktemp("zero-judge"), zero=True)
 
 
-QUICK = ["train.steps=2", "train.batch_size=4", "data.max_rows=40", "train.save_every=2", "train.log_every=1"]
+QUICK = [
+    *["train.steps=2", "train.batch_size=4", "data.max_rows=40", "train.save_every=2", "train.log_every=1"],
+    *SMALL_BPE,
+]
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ from cdlm.interfaces import LossOutput, Method, MethodSpec
 from cdlm.registry import get_method
 from cdlm.training.checkpoint import list_checkpoints, load_checkpoint
 from cdlm.training.loop import train
+from tiny import SMALL_BPE
 from toy_plugin.register import random_rows, register_toy
 
 
@@ -165,6 +166,7 @@ def test_ctrl_c_on_the_command_saves_and_says_how_to_resume(tmp_path: Path) -> N
         "data.max_rows=40",
         "model.depth=1",
         "stages=[]",
+        *SMALL_BPE,
     ]  # fmt: skip  (one stage: elf-tiny without its masked-LM encoder stage)
     args = ["train", "-r", "elf-tiny", "-o", str(run), *(a for s in sets for a in ("--set", s))]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
