@@ -29,6 +29,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -94,21 +95,39 @@ def timing(run: Path, stage: str | None) -> tuple[float, float]:
     return per_step, earlier
 
 
+def reuse_earlier_stages(calibration: Path, out: Path, stage: str | None) -> None:
+    """Start the run ``out`` from the calibration's finished earlier stages and tokenizer, which it would retrain.
+
+    The calibration trained them as written (only the last stage's flags differ), from the same seed, so the run
+    resumes them at their last step instead of spending their minutes again; their time still comes out of the
+    budget (:func:`timing`).
+    """
+    if stage is None or out.exists():
+        return
+    out.mkdir(parents=True)
+    shutil.copy2(calibration / "tokenizer.json", out / "tokenizer.json")
+    for part in sorted(calibration.iterdir()):
+        if (part / "metrics.jsonl").is_file() and part.name != stage:
+            shutil.copytree(part, out / part.name)
+
+
 def train(
     recipe: str, stage: str | None, decays: bool, out: Path, minutes: float, data: Path, log: Path, extra: list[str]
 ) -> dict[str, Any]:
     """Calibrate, then train ``recipe`` for ``minutes`` of wall-clock in all; return what was planned and spent.
 
-    A staged recipe (``stage``: its last stage) runs its earlier stages as written; their time comes out of the
-    budget of the last stage. A last stage whose LR decays (``decays``) gets the steps the calibration plans, so
-    that its schedule ends on time; one at a constant LR is stopped by the clock alone (a plan made while other
-    jobs share the machine can be far off). ``extra``: more ``--set`` flags (the judge's seed).
+    A staged recipe (``stage``: its last stage) runs its earlier stages as written, once, in the calibration; their
+    time comes out of the budget of the last stage. A last stage whose LR decays (``decays``) gets the steps the
+    calibration plans, so that its schedule ends on time; one at a constant LR is stopped by the clock alone (a
+    plan made while other jobs share the machine can be far off). ``extra``: more ``--set`` flags (the judge's
+    seed).
     """
     key = f"stages.{stage}.train" if stage else "train"
     calibration = out.parent / f"{out.name}-calibration"
     calib = ["--set", f"{key}.steps={CALIBRATION_STEPS}", "--set", f"{key}.log_every=10"]
     cdlm("train", "--recipe", recipe, "-o", str(calibration), *data_overrides(data), *calib, *extra, log=log)
     per_step, earlier = timing(calibration, stage)
+    reuse_earlier_stages(calibration, out, stage)
     budget = minutes - earlier / 60
     if budget <= 0:
         sys.exit(f"{recipe}: its earlier stages alone take {earlier / 60:.1f} min, over --minutes {minutes}")
