@@ -59,7 +59,8 @@ def test_cola_cpt_is_the_continued_pretraining_script() -> None:
 
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_recipe_trains_two_steps(name: str, tmp_path: Path) -> None:
-    config = cdlm.load_recipe(name, ["train.steps=2", "train.log_every=1", "train.batch_size=4", "data.max_rows=40"])
+    # the whole pydoc text: a few rows hold too little for elf-tiny's 4096-token BPE
+    config = cdlm.load_recipe(name, ["train.steps=2", "train.log_every=1", "train.batch_size=4"])
     result = cdlm.train(config, tmp_path / "run")
     assert result.step == 2 and result.checkpoint is not None
     assert torch.isfinite(torch.tensor(result.metrics["loss"]))
