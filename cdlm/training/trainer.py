@@ -112,7 +112,7 @@ class Trainer:
         >>> from cdlm.data.pack import prepare
         >>> from cdlm.training import Trainer
         >>> run_dir = tempfile.mkdtemp()
-        >>> config = cdlm.load_recipe("elf-tiny", ["model.depth=1", "train.batch_size=4", "data.max_rows=40"])
+        >>> config = cdlm.load_recipe("elf-tiny", ["model.depth=1", "train.batch_size=4"])
         >>> rows = prepare(config.data, run_dir).rows  # trains the recipe's BPE into run_dir, packs the corpus
         >>> trainer = Trainer(config, cdlm.build(config), rows, run_dir=run_dir)
         >>> losses = []
