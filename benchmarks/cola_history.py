@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from cdlm.api import load_pretrained
+from cdlm.interfaces import Method
 from cdlm_cola.objective_flow import NOISY, two_layout
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,7 +74,9 @@ def bayes(
     return loss, (posterior.argmax(-1) == tokens).float().mean().item()
 
 
-def dit_with_history(method, z0: Tensor, history: Tensor, tau: float, n: int, seed: int) -> tuple[Tensor, Tensor]:
+def dit_with_history(
+    method: Method, z0: Tensor, history: Tensor, tau: float, n: int, seed: int
+) -> tuple[Tensor, Tensor]:
     """The DiT's per-latent loss (B, n) and x̂_0 token ids (B, n) when the clean half of the 2L layout is ``history``.
 
     Args:
@@ -102,12 +105,12 @@ def dit_with_history(method, z0: Tensor, history: Tensor, tau: float, n: int, se
     return loss, logits.argmax(-1).view(rows, n)
 
 
-def encode(method, ids: Tensor, group: int = 16) -> Tensor:
+def encode(method: Method, ids: Tensor, group: int = 16) -> Tensor:
     """Posterior-mode latents (B, n, C) of token rows ``ids`` (B, L), ``group`` rows per VAE call."""
     return torch.cat([torch.stack(method.embedder.encode(list(rows))) for rows in ids.split(group)])
 
 
-def reconstruction(method, z: Tensor, ids: Tensor) -> float:
+def reconstruction(method: Method, z: Tensor, ids: Tensor) -> float:
     """Token accuracy of the VAE decoding the clean latents z (B, n, C) of ``ids`` (B, n)."""
     rows, n = ids.shape
     logits = method.embedder.vae.decode(z.flatten(0, 1), [n] * rows, [n] * rows)  # (B·n, V)
@@ -151,6 +154,8 @@ def main() -> None:
 def measure(args: argparse.Namespace) -> tuple[list[dict], dict]:
     """The table's rows (one per τ) and the latent statistics."""
     model = load_pretrained(args.run, device="cpu")
+    if model.config.method != "cola":
+        raise SystemExit(f"--run {args.run}: method {model.config.method!r}; this diagnostic reads a Cola prior")
     method, tok = model.method, model.tokenizer
     vocab = method.vocab_size
     n = 64
