@@ -181,9 +181,8 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict]:
         "reconstruction": reconstruction(method, z, ids),
     }
     # each token's latent: the mean over its held-out occurrences, else the latent it gets alone
-    latents = encode(method, torch.arange(vocab)[: vocab // n * n].view(-1, n)).flatten(0, 1)
-    if len(latents) < vocab:
-        latents = torch.cat([latents, torch.stack(method.embedder.encode([torch.arange(len(latents), vocab)]))[0]])
+    alone = [z for group in torch.arange(vocab).split(16 * n) for z in method.embedder.encode(list(group.split(n)))]
+    latents = torch.cat(alone)  # (V, C): the ids in rows of n, 16 rows per VAE call
     for token in cur.unique():
         latents[token] = flat[cur == token].mean(0)
     block = method.denoiser.dit.config.block_size

@@ -339,24 +339,24 @@ def main() -> None:
     samples: dict[str, list[str]] = {}
     vocabulary = novel_words(args.data)
 
-    def row(name: str, metrics: dict[str, float], texts: list[str], **extra: Any) -> dict[str, Any]:
+    def scored(name: str, metrics: dict[str, float], texts: list[str], **extra: Any) -> dict[str, Any]:
         scores = {k: metrics[k] for k in ("gen_ppl", "entropy")}
         return {"name": name, **extra, **scores, "corpus_words": corpus_words(texts, vocabulary)}
 
     chunks = real_chunks(args.data, out / "ar-tiny" / "tokenizer.json", args.num_samples, tokens=63, seed=0)
     for key, texts in chunks.items():
         found = evaluate(key, ["--samples", str(write_texts(out / f"{key}.jsonl", texts))], judge, out, log)
-        rows.append(row(REFERENCES[key], found["results"][0]["metrics"], texts))
+        rows.append(scored(REFERENCES[key], found["results"][0]["metrics"], texts))
     own = evaluate("ar-tiny", ["--checkpoint", str(out / "ar-tiny"), "--num-samples", n], judge, out, log)
     samples["ar-tiny"] = [s["text"] for s in own["samples"]]
-    rows.append(row("ar-tiny (T = 1)", own["results"][0]["metrics"], samples["ar-tiny"]))
+    rows.append(scored("ar-tiny (T = 1)", own["results"][0]["metrics"], samples["ar-tiny"]))
     for recipe in models[1:]:
         found = evaluate(
             recipe, ["--checkpoint", str(out / recipe), "--num-samples", n, "--steps", args.steps], judge, out, log
         )
         for entry in found["results"]:
             texts = [s["text"] for s in found["samples"] if s.get("steps", entry["steps"]) == entry["steps"]]
-            rows.append(row(recipe, entry["metrics"], texts, steps=entry["steps"], nfe=entry["nfe"]))
+            rows.append(scored(recipe, entry["metrics"], texts, steps=entry["steps"], nfe=entry["nfe"]))
         largest = max(e["steps"] for e in found["results"])
         samples[recipe] = [s["text"] for s in found["samples"] if s.get("steps", largest) == largest]
     for row in rows:
