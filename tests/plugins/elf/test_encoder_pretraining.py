@@ -14,6 +14,7 @@ from cdlm.errors import RecipeError
 from cdlm.interfaces import TokenBatch
 from cdlm.recipes import stage_config
 from cdlm_elf.encoder_pretraining import MaskedLMObjective
+from tiny import SMALL_BPE
 
 ENCODER = (
     "{pretrained: null, vocab_size: 513, d_model: 32, num_layers: 1, num_heads: 2, d_kv: 16, d_ff: 64, "
@@ -21,8 +22,7 @@ ENCODER = (
 )
 TINY = [
     f"model.encoder={ENCODER}",
-    "model.vocab_size=512",
-    "data.vocab_size=512",
+    *SMALL_BPE,
     "model.latent_dim=32",
     "model.hidden_size=32",
     "model.depth=1",
